@@ -1,0 +1,124 @@
+"""Behaviour of skinkd.config: strict validation, layered precedence, YAML round trip, CLI plumbing."""
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import yaml
+
+from skinkd.config import (Config, ConfigError, describe, load_config, parse_override, resolve_paths,
+                           save_config)
+
+from conftest import REPO
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_names_full_path_and_suggestion(tmp_path):
+    cfg = write(tmp_path / 'c.yaml', 'augment:\n  brightnes: 0.3\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert str(e.value) == (f"config file {cfg}: unknown config key 'augment.brightnes': "
+                            "did you mean 'brightness'?")
+
+
+def test_unknown_section_suggests_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian': did you mean 'train'\?"):
+        load_config(write(tmp_path / 'c.yaml', 'trian:\n  epochs: 3\n'))
+
+
+def test_unknown_key_inside_distill_term_list(tmp_path):
+    text = 'distill:\n  terms:\n    - {kind: hint, tap: aspp, wieght: 2}\n'
+    with pytest.raises(ConfigError, match=r"'distill.terms\[0\].wieght': did you mean 'weight'\?"):
+        load_config(write(tmp_path / 'c.yaml', text))
+
+
+@pytest.mark.parametrize('text, message', [
+    ('train:\n  epochs: 2.5\n', "'train.epochs' must be an integer, got 2.5"),
+    ('train:\n  channels_last: yes please\n', "'train.channels_last' must be true/false, got 'yes please'"),
+    ('train:\n  lr: fast\n', "'train.lr' must be a number, got 'fast'"),
+    ('data:\n  split_file: 3\n', "'data.split_file' must be a string, got 3"),
+    ('data: [1, 2]\n', "config section 'data' must be a mapping of keys to values, got list"),
+    ('distill:\n  terms: {kind: hint}\n', "'distill.terms' must be a list"),
+])
+def test_wrong_types(tmp_path, text, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path / 'c.yaml', text))
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize('override, message', [
+    ('train.lr=0', "'train.lr' is 0.0; it must be > 0.0"),
+    ('train.epochs=0', "'train.epochs' is 0; it must be >= 1"),
+    ('augment.hflip_p=1.5', "'augment.hflip_p' is 1.5; it must be <= 1.0"),
+    ('teacher.output_stride=32', "'teacher.output_stride' is 32; allowed: 8, 16"),
+    ('train.optimizer=adam', "'train.optimizer' is 'adam'; allowed: sgd, adamw"),
+    ('data.val_fraction=0.6', "sum < 1"),
+    ('augment.scale_min=1.5', "'augment.scale_min' (1.5) must be <= 'augment.scale_max' (1.1)"),
+])
+def test_range_errors_name_key_value_and_allowed(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override, 'data.test_fraction=0.4'] if 'val_fraction' in override else [override])
+    assert message in str(e.value)
+    assert str(e.value).startswith('--set ')
+
+
+def test_precedence_across_all_four_levels(tmp_path):
+    cfg_file = write(tmp_path / 'c.yaml', 'train:\n  epochs: 5\n  lr: 0.1\n  batch_size: 4\n  seed: 7\n')
+    cfg = load_config(cfg_file, overrides=['train.lr=0.2', 'train.batch_size=2'], params={'train.batch_size': 3})
+    assert Config().train.weight_decay == cfg.train.weight_decay   # default survives
+    assert cfg.train.seed == 7                                     # file over default
+    assert cfg.train.epochs == 5
+    assert cfg.train.lr == 0.2                                     # --set over file
+    assert cfg.train.batch_size == 3                               # notebook parameter over --set
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match='must look like key=value'):
+        load_config(overrides=['train.epochs'])
+    with pytest.raises(ConfigError, match="'train.epochs' is a value, not a section"):
+        load_config(overrides=['train.epochs.x=1'])
+    assert parse_override('data.split_file=null') == ('data.split_file', None)
+
+
+def test_round_trip_of_resolved_config(tmp_path):
+    cfg = resolve_paths(load_config(REPO / 'configs' / 'demo.yaml', ['train.lr=3e-4', 'distill.terms=[]']), tmp_path)
+    again = load_config(save_config(cfg, tmp_path / 'run' / 'config.yaml'))
+    assert again == cfg
+    assert again.distill.terms == [] and again.data.root == str(tmp_path / 'data' / 'synthetic')
+
+
+@pytest.mark.parametrize('text, message', [('', 'is empty'), ('   \n# only a comment\n', 'is empty'),
+                                           ('- a\n- b\n', 'must hold a mapping'), ('42\n', 'must hold a mapping'),
+                                           ('train: [\n', 'is not valid YAML')])
+def test_empty_or_non_mapping_file(tmp_path, text, message):
+    path = write(tmp_path / 'bad.yaml', text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_shipped_configs_are_valid_and_documented():
+    for name in ('config.yaml', 'demo.yaml'):
+        data = yaml.safe_load((REPO / 'configs' / name).read_text())
+        cfg = load_config(REPO / 'configs' / name)
+        assert asdict(cfg)['data']['root'] == data['data']['root']
+    demo = load_config(REPO / 'configs' / 'demo.yaml')
+    assert demo.teacher.pretrained is None and demo.student.pretrained is None and demo.data.synthetic_n > 0
+    keys = [k for k, _, _ in describe()]
+    assert 'distill.terms' in keys and 'train.grad_clip' in keys and len(keys) == len(set(keys))
+
+
+def test_cli_helpers_report_config_errors_in_one_line(tmp_path):
+    code = ('import argparse\nfrom skinkd.config import add_config_args, config_from_args, cli_main\n'
+            '@cli_main\ndef main():\n    a = add_config_args(argparse.ArgumentParser()).parse_args()\n'
+            '    print(config_from_args(a).train.epochs)\nmain()\n')
+    script = write(tmp_path / 'tool.py', code)
+    ok = subprocess.run([sys.executable, script, '--set', 'train.epochs=4'], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.strip() == '4'
+    bad = subprocess.run([sys.executable, script, '--set', 'train.epoch=4'], capture_output=True, text=True)
+    assert bad.returncode == 1 and 'Traceback' not in bad.stderr
+    assert bad.stderr.strip() == "tool.py: error: --set train.epoch: unknown config key 'train.epoch': did you mean 'epochs'?"
