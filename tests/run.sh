@@ -11,6 +11,9 @@ python -m pip check
 
 snapshot() { find nbs skinkd -type f \( -name '*.py' -o -name '*.ipynb' \) -not -path '*/.ipynb_checkpoints/*' -print0 | sort -z | xargs -0 sha1sum; }
 
+step "README.md is rendered from nbs/index.ipynb"
+python .ci/render_readme.py --check
+
 step "notebooks and library in sync (nbdev_export changes nothing)"
 before=$(snapshot)
 nbdev_export
