@@ -1,0 +1,306 @@
+"Tests of skinkd.models: shapes, taps, sizes, pretrained weights, checkpoints, BatchNorm folding, export, CLI."
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from skinkd.config import ModelConfig
+from skinkd.models import (CheckpointError, DeepLabV3Plus, PretrainedError, ResNetBackbone, build_model, count_macs,
+                           count_params, export_model, fold_batchnorm, load_checkpoint, load_model, load_weights,
+                           prepare_for_inference, run_exported, save_checkpoint, example_input, IMAGENET_WEIGHTS)
+
+H, W = 65, 67  # odd and non-square
+
+
+def cdiv(n, k): return -(-n // k)
+
+
+def expected(model, n, h, w):
+    os_ = model.backbone.output_stride
+    hw = dict(layer1=4, layer2=8, layer3=min(16, os_), layer4=os_, aspp=os_, decoder=4)
+    out = {k: (n, model.tap_channels[k], cdiv(h, s), cdiv(w, s)) for k, s in hw.items()}
+    return {**out, 'logits': (n, model.tap_channels['logits'], h, w)}
+
+
+@pytest.fixture(scope='module')
+def x():
+    torch.manual_seed(0)
+    return torch.randn(1, 3, H, W)
+
+
+@pytest.mark.parametrize('backbone', ['resnet18', 'resnet34', 'resnet50'])
+@pytest.mark.parametrize('os_', [8, 16])
+def test_shapes_every_backbone(backbone, os_, x):
+    m = DeepLabV3Plus(backbone, num_classes=2, output_stride=os_).eval()
+    with torch.no_grad(): taps = m(x, return_features=True)
+    assert list(taps) == ['layer1', 'layer2', 'layer3', 'layer4', 'aspp', 'decoder', 'logits']
+    assert {k: tuple(v.shape) for k, v in taps.items()} == expected(m, 1, H, W)
+
+
+def test_shapes_resnet101_both_strides():
+    "ResNet-101 once per output stride, on a small odd input."
+    for os_ in (16, 8):
+        m = DeepLabV3Plus('resnet101', output_stride=os_).eval()
+        with torch.no_grad(): taps = m(torch.randn(1, 3, 33, 35), return_features=True)
+        assert {k: tuple(v.shape) for k, v in taps.items()} == expected(m, 1, 33, 35)
+        assert m.tap_channels['layer4'] == 2048 and m.tap_channels['layer1'] == 256
+
+
+def test_basicblock_dilation_is_patched():
+    bb = ResNetBackbone('resnet18', 8)
+    assert bb.layer3[0].conv1.stride == (1, 1) and bb.layer3[1].conv1.dilation == (2, 2)
+    assert bb.layer4[0].conv1.dilation == (2, 2) and bb.layer4[1].conv2.dilation == (4, 4)
+    assert bb.layer4[0].downsample[0].stride == (1, 1)
+
+
+def test_taps_are_the_logits_path(x):
+    m = DeepLabV3Plus('resnet18').eval()
+    with torch.no_grad():
+        logits, taps = m(x), m(x, return_features=True)
+    assert isinstance(logits, torch.Tensor) and torch.equal(logits, taps['logits'])
+    assert m.tap_channels == dict(layer1=64, layer2=128, layer3=256, layer4=512, aspp=256, decoder=256, logits=1)
+
+
+def test_batch_and_gradients_flow():
+    m = DeepLabV3Plus('resnet18', num_classes=3).train()
+    out = m(torch.randn(2, 3, 64, 64), return_features=True)
+    out['logits'].mean().backward()
+    assert out['logits'].shape == (2, 3, 64, 64)
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_param_counts():
+    assert 15e6 < count_params(DeepLabV3Plus('resnet18')) < 17.5e6
+    assert 57e6 < count_params(DeepLabV3Plus('resnet101')) < 61e6
+    assert count_params(DeepLabV3Plus('resnet18', aspp_separable=True)) < count_params(DeepLabV3Plus('resnet18'))
+    assert count_macs(nn.Conv2d(3, 4, 1, bias=False), 8) == 3 * 4 * 64
+
+
+@pytest.mark.parametrize('backbone', ['resnet18', 'resnet101'])
+def test_separable_matches_smp_param_count(backbone):
+    smp = pytest.importorskip('segmentation_models_pytorch', reason='smp is a benchmark-only dependency')
+    ref = smp.DeepLabV3Plus(encoder_name=backbone, encoder_weights=None, encoder_output_stride=16,
+                            decoder_aspp_separable=True, classes=1)
+    ours = DeepLabV3Plus(backbone, aspp_separable=True)
+    assert abs(count_params(ours) - count_params(ref)) / count_params(ref) < 0.02
+
+
+def test_build_model_from_config():
+    m = build_model(ModelConfig('resnet34', output_stride=8, num_classes=2, aspp_separable=True, dropout=0.1))
+    assert m.backbone.name == 'resnet34' and m.backbone.output_stride == 8 and m.tap_channels['logits'] == 2
+    assert m.aspp.project[-1].p == 0.1
+
+
+# --- pretrained weights -------------------------------------------------------------------------------------------
+
+def test_pretrained_from_local_file(tmp_path):
+    r18 = torchvision.models.resnet18(weights=None)
+    torch.save(r18.state_dict(), tmp_path / 'r18.pth')
+    m = DeepLabV3Plus('resnet18', pretrained=str(tmp_path / 'r18.pth'))
+    assert torch.equal(m.backbone.layer4[1].conv2.weight, r18.layer4[1].conv2.weight)
+    torch.save({'state_dict': {f'module.{k}': v for k, v in r18.state_dict().items()}}, tmp_path / 'wrapped.pth')
+    m = DeepLabV3Plus('resnet18', pretrained=str(tmp_path / 'wrapped.pth'))
+    assert torch.equal(m.backbone.conv1.weight, r18.conv1.weight)
+
+
+def test_pretrained_errors(tmp_path):
+    with pytest.raises(PretrainedError, match='not found'):
+        DeepLabV3Plus('resnet18', pretrained=str(tmp_path / 'missing.pth'))
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path / 'r50.pth')
+    with pytest.raises(PretrainedError, match='do not fit a resnet18 backbone: 198 unexpected keys .*; 23 shape mismatches .layer1.0.conv1.weight .64, 64, 1, 1. instead of .64, 64, 3, 3.'):
+        DeepLabV3Plus('resnet18', pretrained=str(tmp_path / 'r50.pth'))
+    (tmp_path / 'junk.pth').write_text('junk')
+    with pytest.raises(PretrainedError, match='not a readable PyTorch state dict'):
+        DeepLabV3Plus('resnet18', pretrained=str(tmp_path / 'junk.pth'))
+
+
+def _offline(monkeypatch):
+    def no_network(*a, **k): raise OSError('Network is unreachable')
+    monkeypatch.setattr(socket, 'create_connection', no_network)
+    monkeypatch.setattr(socket, 'getaddrinfo', no_network)
+
+
+def test_imagenet_offline_error(tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))  # empty hub cache
+    _offline(monkeypatch)
+    with pytest.raises(PretrainedError) as e:
+        DeepLabV3Plus('resnet18', pretrained='imagenet')
+    msg = str(e.value)
+    assert 'cannot download ImageNet weights for resnet18' in msg and 'connected machine' in msg
+    assert str(tmp_path / 'torch' / 'hub' / 'checkpoints') in msg and 'path of a local resnet18 state dict' in msg
+
+
+def test_imagenet_from_hub_cache_offline(tmp_path, monkeypatch):
+    "A file already in the hub cache is used without network."
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    _offline(monkeypatch)
+    r18 = torchvision.models.resnet18(weights=None)
+    url = torchvision.models.get_weight(IMAGENET_WEIGHTS['resnet18']).url
+    cache = tmp_path / 'torch' / 'hub' / 'checkpoints'; cache.mkdir(parents=True)
+    torch.save(r18.state_dict(), cache / Path(url).name)
+    m = DeepLabV3Plus('resnet18', pretrained='imagenet')
+    assert torch.equal(m.backbone.layer1[0].conv1.weight, r18.layer1[0].conv1.weight)
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def student_ckpt(tmp_path_factory):
+    torch.manual_seed(1)
+    cfg = ModelConfig('resnet18', num_classes=2, aspp_separable=True)
+    m = build_model(cfg)
+    opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+    m(torch.randn(2, 3, 32, 32)).mean().backward(); opt.step()
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2)
+    path = tmp_path_factory.mktemp('ck') / 'checkpoints' / 'last.pt'
+    save_checkpoint(path, m, cfg, 'student', epoch=4, optimizer=opt, scheduler=sched, metrics={'val_dice': np.float64(0.75)},
+                    extra={'torch_rng': torch.get_rng_state(), 'np_rng': np.random.get_state(), 'bad_epochs': 2})
+    return path, m.eval(), cfg
+
+
+def test_checkpoint_round_trip(student_ckpt):
+    path, m, cfg = student_ckpt
+    model, ck = load_model(path)
+    assert not model.training and model.backbone.name == 'resnet18' and model.tap_channels['logits'] == 2
+    x = torch.randn(1, 3, 33, 31)
+    with torch.no_grad(): assert torch.equal(model(x), m(x))
+    assert ck['epoch'] == 4 and ck['role'] == 'student' and ck['metrics'] == {'val_dice': 0.75}
+    assert ck['model_config'] == {**cfg.__dict__} and ck['scaler'] is None
+    assert ck['optimizer']['state'] and ck['scheduler']['step_size'] == 2 and ck['extra']['bad_epochs'] == 2
+    st = ck['extra']['np_rng']
+    np.random.set_state((st[0], np.asarray(st[1]).astype(np.uint32), *st[2:]))  # numpy RNG state restores
+    assert sorted(os.listdir(path.parent)) == ['last.pt']  # no temp files left
+
+
+def test_checkpoint_resume_into_model(student_ckpt):
+    path, m, cfg = student_ckpt
+    m2 = load_weights(build_model(cfg), load_checkpoint(path), path)
+    assert torch.equal(m2.classifier.weight, m.classifier.weight)
+
+
+def test_save_is_atomic_on_failure(tmp_path, student_ckpt):
+    path, m, cfg = student_ckpt
+    target = tmp_path / 'best.pt'
+    save_checkpoint(target, m, cfg, 'student', epoch=1)
+    with pytest.raises(TypeError, match=r"checkpoint\['extra'\]\['f'\] is a builtins.builtin_function_or_method"):
+        save_checkpoint(target, m, cfg, 'student', epoch=2, extra={'f': print})
+    assert load_checkpoint(target)['epoch'] == 1 and sorted(os.listdir(tmp_path)) == ['best.pt']
+
+
+def test_bad_checkpoints(tmp_path, student_ckpt):
+    path, m, cfg = student_ckpt
+    with pytest.raises(CheckpointError, match='not found'): load_model(tmp_path / 'nope.pt')
+    (tmp_path / 'notes.txt').write_text('not a checkpoint')
+    with pytest.raises(CheckpointError, match='is not a PyTorch checkpoint'): load_model(tmp_path / 'notes.txt')
+    data = path.read_bytes()
+    (tmp_path / 'trunc.pt').write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match='is truncated or corrupted'): load_model(tmp_path / 'trunc.pt')
+    torch.save(m.state_dict(), tmp_path / 'bare.pt')
+    with pytest.raises(CheckpointError, match='is a PyTorch file but not a skinkd checkpoint .missing skinkd_version'):
+        load_model(tmp_path / 'bare.pt')
+    torch.save([1, 2], tmp_path / 'list.pt')
+    with pytest.raises(CheckpointError, match='not a skinkd checkpoint .a list'): load_model(tmp_path / 'list.pt')
+
+    class Evil:
+        def __reduce__(self): return (print, ('pwned',))
+    torch.save({'model': Evil()}, tmp_path / 'evil.pt')
+    with pytest.raises(CheckpointError, match='weights-only loading refuses'): load_model(tmp_path / 'evil.pt')
+
+
+def test_wrong_architecture(tmp_path, student_ckpt):
+    path, m, cfg = student_ckpt
+    ck = load_checkpoint(path)
+    with pytest.raises(CheckpointError) as e: load_weights(DeepLabV3Plus('resnet34', 2, aspp_separable=True), ck, path)
+    assert f'checkpoint {path} (resnet18 OS16 separable, 2 classes) does not fit this model: 96 missing keys (backbone.layer1.2.conv1.weight' in str(e.value)
+    with pytest.raises(CheckpointError, match=r'2 shape mismatches \(classifier.weight \(2, 256, 1, 1\) instead of \(1, 256, 1, 1\)'):
+        load_weights(DeepLabV3Plus('resnet18', 1, aspp_separable=True), ck, path)
+    ck['model_config']['aspp_separable'] = False  # a config that does not describe the weights
+    torch.save(ck, tmp_path / 'lying.pt')
+    with pytest.raises(CheckpointError, match=r'does not fit this model: \d+ missing keys .*\d+ unexpected keys'):
+        load_model(tmp_path / 'lying.pt')
+    ck['model_config']['backbone'] = 'resnet152'
+    torch.save(ck, tmp_path / 'badcfg.pt')
+    with pytest.raises(CheckpointError, match="bad model config: config key 'model_config.backbone' is 'resnet152'"):
+        load_model(tmp_path / 'badcfg.pt')
+
+
+# --- fast inference and export --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def trained_like():
+    torch.manual_seed(2)
+    m = DeepLabV3Plus('resnet18').eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5); mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.5, 1.5); mod.bias.data.uniform_(-0.2, 0.2)
+    return m
+
+
+def test_fold_batchnorm_equal(trained_like, x):
+    folded = fold_batchnorm(trained_like)
+    assert not any(isinstance(mod, nn.BatchNorm2d) for mod in folded.modules())
+    assert any(isinstance(mod, nn.BatchNorm2d) for mod in trained_like.modules())  # the original is untouched
+    with torch.no_grad():
+        ref = trained_like(x, return_features=True); out = folded(x, return_features=True)
+    for k in ref: torch.testing.assert_close(out[k], ref[k], rtol=1e-4, atol=1e-4)
+
+
+def test_prepare_for_inference(trained_like, x):
+    fast = prepare_for_inference(trained_like)
+    assert not fast.training and fast.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(): torch.testing.assert_close(fast(x), trained_like(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('fmt', ['torchscript', 'onnx'])
+def test_export_parity(fmt, trained_like, tmp_path):
+    if fmt == 'onnx':
+        pytest.importorskip('onnx', reason='onnx is optional'); pytest.importorskip('onnxruntime', reason='onnxruntime is optional')
+    f = export_model(trained_like, fmt, tmp_path / f'm.{fmt}', example_input(64))
+    x = example_input(48)  # a different size: height and width are dynamic
+    with torch.no_grad(): torch.testing.assert_close(run_exported(f, fmt, x), trained_like(x), rtol=1e-3, atol=1e-3)
+
+
+def _cli(*args):
+    exe = Path(sys.executable).parent / 'skinkd_export'
+    cmd = [str(exe)] if exe.exists() else [sys.executable, '-c', 'from skinkd.models import export_cli; export_cli()']
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=120)
+
+
+def test_export_cli(tmp_path, student_ckpt):
+    pytest.importorskip('onnxruntime', reason='onnxruntime is optional')
+    path = student_ckpt[0]
+    from PIL import Image
+    Image.fromarray((np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)).save(tmp_path / 'img.png')
+    r = _cli('--weights', str(path), '--format', 'onnx', '--out', str(tmp_path / 'm.onnx'), '--size', '64',
+             '--image', str(tmp_path / 'img.png'))
+    assert r.returncode == 0, r.stderr
+    diff = float(r.stdout.strip().rsplit(' ', 1)[-1])
+    assert 'wrote' in r.stdout and diff < 1e-3 and (tmp_path / 'm.onnx').stat().st_size > 1e6
+    r = _cli('--weights', str(tmp_path / 'missing.pt'), '--format', 'torchscript', '--out', str(tmp_path / 'm.pt'))
+    assert r.returncode == 1 and r.stderr.strip().endswith('not found; check the path (runs/<name>/checkpoints/best.pt)')
+    assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_checkpoint_of_wrapped_model(tmp_path, student_ckpt):
+    "DataParallel/DDP wrappers are unwrapped: the saved keys are the plain model's."
+    path, m, cfg = student_ckpt
+    save_checkpoint(tmp_path / 'dp.pt', nn.DataParallel(m), cfg, 'teacher')
+    model, ck = load_model(tmp_path / 'dp.pt')
+    assert ck['role'] == 'teacher' and not any(k.startswith('module.') for k in ck['model'])
+    assert torch.equal(model.classifier.weight, m.classifier.weight)
+
+
+def test_initial_logits_are_small():
+    """A fresh head starts near p = 0.5 (a He-initialised 1-channel classifier gave logits with std ~10)."""
+    torch.manual_seed(0)
+    m = DeepLabV3Plus('resnet18').train()
+    z = m(torch.randn(2, 3, 64, 64))
+    assert z.abs().mean() < 1.0
