@@ -1,0 +1,121 @@
+"""Tests of the evaluation chapter: prediction, scoring at the original resolution, the comparison
+report, the predictions file for the viewer, and the skinkd_evaluate command."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from skinkd.config import ModelConfig
+from skinkd.data import build_cache, discover, make_synthetic
+from skinkd.evaluate import (EvaluationError, evaluate_checkpoints, main, paired_comparison, predict, score_model,
+                             wilcoxon_p)
+from skinkd.models import DeepLabV3Plus, save_checkpoint
+from skinkd.viewer import MaskViewer, load_predictions
+
+SIZE = 32
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    "A small synthetic ISIC set, its cached test split and three tiny checkpoints (teacher, raw, distilled)."
+    tmp = tmp_path_factory.mktemp('eval')
+    root = make_synthetic(tmp / 'data', n=12, size=40, seed=0)
+    cache = build_cache([s for s in discover(root) if s.split == 'test'], tmp / 'cache', size=SIZE)
+    torch.manual_seed(0)
+    ckpts = [save_checkpoint(tmp / f'{mode}.pt', DeepLabV3Plus(bb), ModelConfig(backbone=bb), role, extra={'mode': mode})
+             for mode, role, bb in (('teacher', 'teacher', 'resnet34'), ('raw', 'student', 'resnet18'), ('distill', 'student', 'resnet18'))]
+    return dict(tmp=tmp, root=root, cache=cache, ckpts=ckpts)
+
+
+class Threshold(torch.nn.Module):
+    "A fixed 'model': lesion where the image is darker than its mean (normalised input)."
+    def forward(self, x):
+        g = x.mean(1, keepdim=True)
+        return (g.mean((2, 3), keepdim=True) - g) * 20
+
+
+def test_predict_and_tta_shapes(setup):
+    cache = setup['cache']
+    p = predict(Threshold(), cache, [0, 1], batch_size=1)
+    assert p.shape == (2, 1, SIZE, SIZE) and 0 <= p.min() and p.max() <= 1
+    assert torch.allclose(predict(Threshold(), cache, [0, 1], tta=True), p, atol=1e-6)  # flip-symmetric model
+
+
+def test_scoring_uses_the_original_resolution(setup):
+    cache = setup['cache']
+    idx = list(range(len(cache)))
+    # a perfect working-size prediction: the cached masks themselves as probabilities
+    probs = torch.from_numpy(np.asarray(cache.masks, np.float32))[:, None]
+    work = score_model(probs, cache, idx, original_resolution=False)
+    assert np.allclose(work['dice'], 1.0)
+    orig = score_model(probs, cache, idx, original_resolution=True)
+    # restored to the original (non-square, larger) size, resampling costs a little: close to but below 1
+    assert all(tuple(cache.orig_hw[i]) != (SIZE, SIZE) for i in idx)
+    assert 0.8 < orig['dice'].min() and orig['dice'].mean() < 1.0
+
+
+def test_paired_statistics():
+    rng = np.random.default_rng(1)
+    raw = rng.uniform(0.5, 0.9, 30)
+    res = paired_comparison({'dice': raw + 0.02}, {'dice': raw})['dice']
+    assert res['mean_diff'] == pytest.approx(0.02) and res['ci_low'] == pytest.approx(0.02) and res['n_better'] == 30
+    assert res['p_wilcoxon'] < 1e-5
+    assert wilcoxon_p(np.zeros(5)) == 1.0 and np.isnan(wilcoxon_p(np.array([])))
+
+
+@pytest.fixture(scope='module')
+def evaluation(setup):
+    "The three checkpoints evaluated once into tmp/report."
+    return evaluate_checkpoints(setup['ckpts'], setup['cache'], setup['tmp'] / 'report', latency_runs=1, gallery_k=2)
+
+
+def test_report_files_and_numbers(setup, evaluation):
+    out, ev = setup['tmp'] / 'report', evaluation
+    assert sorted(p.name for p in out.iterdir()) == ['boxplots.png', 'metrics.json', 'per_image.csv', 'predictions.npz',
+                                                     'report.md', 'worst_cases.png']
+    report = (out / 'report.md').read_text()
+    for text in ('| teacher | resnet34 |', '| raw | resnet18 |', '| distilled | resnet18 |', 'raw / teacher',
+                 'distilled / teacher', 'Wilcoxon p', '![worst cases](worst_cases.png)'):
+        assert text in report, text
+    m = json.loads((out / 'metrics.json').read_text())
+    raw = ev.result('raw')
+    assert m['models']['raw']['dice'] == pytest.approx(raw.per_image['dice'].mean())
+    assert m['models']['teacher']['params'] > m['models']['raw']['params'] == m['models']['distilled']['params']
+    d = ev.result('distilled').per_image['dice'] - raw.per_image['dice']
+    assert m['paired_distilled_vs_raw']['dice']['mean_diff'] == pytest.approx(d.mean())
+    rows = (out / 'per_image.csv').read_text().splitlines()
+    assert rows[0].startswith('id,teacher/dice,') and len(rows) == 1 + len(setup['cache'])
+
+
+def test_predictions_file_feeds_the_viewer(setup, evaluation):
+    out, ev = setup['tmp'] / 'report', evaluation
+    p = load_predictions(out)
+    assert p['ids'] == list(setup['cache'].ids) and set(p['preds']) == {'teacher', 'raw', 'distilled'}
+    assert np.array_equal(p['preds']['raw'], ev.result('raw').masks) and np.array_equal(p['truth'], np.asarray(setup['cache'].masks))
+    v = MaskViewer.from_run(out)
+    v.sort_by.value = 'distilled/dice'
+    assert v.current == int(np.argmin(ev.result('distilled').per_image['dice']))
+
+
+def test_no_checkpoints_is_a_user_error(setup):
+    with pytest.raises(EvaluationError, match='no checkpoints'):
+        evaluate_checkpoints([], setup['cache'], setup['tmp'] / 'none')
+
+
+def test_cli(setup, capsys):
+    tmp = setup['tmp']
+    out = tmp / 'cli'
+    main(['--weights', *map(str, setup['ckpts'][1:]), '--data', str(setup['root']), '--out', str(out), '--latency-runs', '1',
+          '--set', f'data.cache_dir={tmp}/cli_cache', '--set', f'data.image_size={SIZE}', '--set', 'eval.tta=true'])
+    assert '| distilled | resnet18 |' in capsys.readouterr().out
+    assert 'flip TTA on' in (out / 'report.md').read_text() and (out / 'config.yaml').is_file()
+
+
+def test_cli_errors_are_one_line(setup):
+    r = subprocess.run([sys.executable, '-c', 'from skinkd.evaluate import main; main()', '--weights', 'missing.pt'],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and 'checkpoint missing.pt not found' in r.stderr and 'Traceback' not in r.stderr
