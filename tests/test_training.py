@@ -1,0 +1,185 @@
+"""Training end to end: the CLIs of every mode, the frozen teacher, bad input, exact resume after a real
+kill, a real torchrun launch, and the smoke pipeline through papermill."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from skinkd.config import SMOKE_OVERRIDES, load_config, resolve_paths
+from skinkd.models import load_checkpoint
+
+from conftest import REPO
+
+ENV = {**os.environ, 'SKINKD_PROGRESS': '0', 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
+
+
+@pytest.fixture(scope='module')
+def data_args(tmp_path_factory):
+    """--set overrides for a tiny synthetic dataset (generated once) and its cache."""
+    d = tmp_path_factory.mktemp('data')
+    sets = [*SMOKE_OVERRIDES, f'data.root={d / "synthetic"}', f'data.cache_dir={d / "cache"}', 'data.synthetic_n=24',
+            'data.image_size=48', 'teacher.backbone=resnet18', 'train.epochs=2']
+    args = [a for s in sets for a in ('--set', s)]
+    run(['skinkd_synth', '--out', str(d / 'synthetic'), '--n', '24', '--size', '48', '--seed', '1'])
+    return ['--config', str(REPO / 'configs' / 'demo.yaml'), *args]
+
+
+def run(cmd, check=True, **kw):
+    """Run a command with the test environment; fail with its output when `check` and it fails."""
+    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f'{cmd} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}')
+    return p
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope='module')
+def teacher(data_args, tmp_path_factory):
+    """A teacher trained by the CLI, for the distillation tests."""
+    out = tmp_path_factory.mktemp('teacher')
+    p = run(['skinkd_train_teacher', *data_args, '--backbone', 'resnet34', '--out', str(out)])
+    return out, last_json(p.stdout)
+
+
+def test_teacher_cli_writes_a_complete_run_folder(teacher):
+    out, summary = teacher
+    assert summary['epochs'] == 2 and 0 <= summary['best_val_dice'] <= 1
+    ck = load_checkpoint(out / 'checkpoints' / 'best.pt')
+    assert ck['role'] == 'teacher' and ck['model_config']['backbone'] == 'resnet34' and ck['extra']['mode'] == 'teacher'
+    rows = (out / 'metrics.csv').read_text().strip().splitlines()
+    assert rows[0].startswith('epoch,') and 'val_dice' in rows[0] and len(rows) == 3
+    assert (out / 'training_curves.png').stat().st_size > 1000
+    cfg = load_config(out / 'config.yaml')
+    assert cfg.teacher.backbone == 'resnet34' and cfg.output.run_dir == str(out)
+
+
+def test_distill_raw_and_test_modes(data_args, teacher, tmp_path):
+    teacher_dir, _ = teacher
+    tw = teacher_dir / 'checkpoints' / 'best.pt'
+    before = tw.read_bytes()
+    p = run([sys.executable, '-m', 'skinkd.distill', '--mode', 'distill', *data_args, '--teacher_weights', str(tw),
+             '--out', str(tmp_path / 'distill')])
+    assert last_json(p.stdout)['mode'] == 'distill'
+    ck = load_checkpoint(tmp_path / 'distill' / 'checkpoints' / 'last.pt')
+    assert ck['role'] == 'student' and ck['extra']['mode'] == 'distill'
+    header = (tmp_path / 'distill' / 'metrics.csv').read_text().splitlines()[0]
+    assert 'train_hint_aspp' in header and 'train_logit_logits' in header and 'train_seg' in header
+    assert tw.read_bytes() == before  # the teacher's checkpoint is never touched
+
+    run(['skinkd_distill', '--mode', 'raw', *data_args, '--out', str(tmp_path / 'raw')])
+    raw = load_checkpoint(tmp_path / 'raw' / 'checkpoints' / 'last.pt')
+    assert raw['extra']['mode'] == 'raw' and 'train_hint_aspp' not in (tmp_path / 'raw' / 'metrics.csv').read_text()
+
+    p = run(['skinkd_distill', '--mode', 'test', *data_args, '--out', str(tmp_path / 'distill')])
+    summary = last_json(p.stdout)
+    metrics = json.loads((tmp_path / 'distill' / 'metrics.json').read_text())
+    for key in ('dice', 'jaccard', 'thresholded_jaccard', 'sensitivity', 'specificity', 'accuracy', 'hd95',
+                'failure_rate', 'n_images'):
+        assert key in metrics and key in summary
+    per_image = (tmp_path / 'distill' / 'per_image.csv').read_text().strip().splitlines()
+    assert len(per_image) == metrics['n_images'] + 1 and metrics['n_images'] > 0
+
+
+def test_teacher_stays_frozen_during_distillation(data_args, teacher, tmp_path):
+    from skinkd.distill import train_student
+    from skinkd.learner import to_device
+    teacher_dir, _ = teacher
+    overrides = [a for a in data_args[2:] if a != '--set']
+    cfg = resolve_paths(load_config(REPO / 'configs' / 'demo.yaml', overrides, {'output.run_dir': str(tmp_path / 'run')}))
+    learner = train_student(cfg, 'distill', teacher_dir / 'checkpoints' / 'best.pt')
+    t = learner.task.teacher
+    snapshot = {k: v.clone() for k, v in t.state_dict().items()}
+    assert not t.training and all(not p.requires_grad and p.grad is None for p in t.parameters())
+    learner.cfg.train.epochs = 3; learner.fit()   # one more epoch, watching the teacher
+    assert all(torch.equal(snapshot[k], v) for k, v in t.state_dict().items())
+    batch = to_device(next(iter(learner.loaders['train'])), learner.device)
+    loss, parts = learner.task.loss(learner.model, batch)
+    loss.backward()
+    assert {'seg', 'hint_aspp', 'hint_decoder', 'logit_logits'} <= set(parts)
+    assert all(p.grad is not None for p in learner.model.parameters())          # gradients reach the student...
+    assert all(p.grad is not None for p in learner.task.kd.parameters())        # ...and the adapters...
+    assert all(p.grad is None for p in t.parameters())                          # ...never the teacher
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--mode', 'distill'], 'needs --teacher_weights PATH'),
+    (['--mode', 'distill', '--teacher_weights', 'STUDENT'], 'is a student checkpoint, not a teacher'),
+    (['--mode', 'distill', '--teacher_weights', 'MISSING'], 'MISSING'),
+    (['--mode', 'test', '--student_weights', 'MISSING'], 'no checkpoint at'),
+    (['--mode', 'raw', '--set', 'train.epoch=1'], "did you mean 'epochs'?"),
+])
+def test_bad_cli_input_fails_before_training_with_one_line(data_args, tmp_path, teacher, args, message):
+    student = tmp_path / 'student.pt'
+    if 'STUDENT' in args:
+        from skinkd.models import DeepLabV3Plus, save_checkpoint
+        from skinkd.config import ModelConfig
+        save_checkpoint(student, DeepLabV3Plus('resnet18'), ModelConfig(), 'student')
+    args = [str(student) if a == 'STUDENT' else str(tmp_path / 'missing.pt') if a == 'MISSING' else a for a in args]
+    p = run(['skinkd_distill', *args, *data_args, '--out', str(tmp_path / 'run')], check=False)
+    assert p.returncode == 1 and 'Traceback' not in p.stderr
+    assert message.replace('MISSING', str(tmp_path / 'missing.pt')) in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_unknown_flag_is_refused():
+    p = run(['skinkd_distill', '--mode', 'raw', '--epochs', '3'], check=False)
+    assert p.returncode == 2 and 'unrecognized arguments: --epochs 3' in p.stderr
+    p = run(['skinkd_train_teacher', '--backbone', 'vgg16'], check=False)
+    assert p.returncode == 2 and "invalid choice: 'vgg16'" in p.stderr
+
+
+def weights(path):
+    return load_checkpoint(path)['model']
+
+
+def test_resume_after_kill_matches_uninterrupted_run(data_args, tmp_path):
+    base = ['skinkd_distill', '--mode', 'raw', *data_args, '--set', 'train.deterministic=true', '--set', 'train.epochs=3',
+            '--set', 'data.num_workers=1', '--set', 'train.batch_size=2']
+    run([*base, '--out', str(tmp_path / 'straight')])
+    proc = subprocess.Popen([*base, '--out', str(tmp_path / 'killed')], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = tmp_path / 'killed' / 'checkpoints' / 'last.pt'
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)                       # well inside epoch 2 (an epoch takes seconds)
+    assert proc.poll() is None, 'the run ended before it could be killed'
+    proc.send_signal(signal.SIGKILL); proc.wait()
+    assert load_checkpoint(last)['epoch'] == 1          # the previous checkpoint is intact and loadable
+    run([*base, '--out', str(tmp_path / 'killed'), '--set', 'train.resume=true'])
+    a, b = weights(tmp_path / 'straight' / 'checkpoints' / 'last.pt'), weights(last)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    hist = (tmp_path / 'killed' / 'metrics.csv').read_text().strip().splitlines()
+    assert [r.split(',')[0] for r in hist[1:]] == ['1', '2', '3']
+
+
+def test_torchrun_two_cpu_processes(data_args, tmp_path):
+    out = tmp_path / 'ddp'
+    p = run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=0' if False else '--standalone',
+             '-m', 'skinkd.distill', '--mode', 'raw', *data_args, '--set', 'data.num_workers=0', '--out', str(out)], timeout=600)
+    assert p.stdout.count('"mode": "raw"') == 1          # rank 0 alone reports
+    ck = load_checkpoint(out / 'checkpoints' / 'last.pt')
+    assert ck['epoch'] == 2 and ck['extra']['mode'] == 'raw'
+    assert not any(k.startswith('module.') for k in ck['model'])   # saved unwrapped from DDP
+    assert ck['extra'].get('world_size') == 2
+
+
+def test_smoke_pipeline_through_papermill(tmp_path):
+    out = tmp_path / 'pipe'
+    p = run(['skinkd_pipeline', '--config', str(REPO / 'configs' / 'demo.yaml'), '--out', str(out), '--smoke', '--quiet'],
+            cwd=tmp_path, timeout=1200)
+    summary = json.loads((out / 'summary.json').read_text())
+    assert {'teacher_val_dice', 'raw_val_dice', 'distill_val_dice', 'wall_seconds'} <= set(summary)
+    names = sorted(x.name for x in (out / 'notebooks').iterdir())
+    assert names == ['02_explore.ipynb', '07_train_teacher.ipynb', '08_distill-distill.ipynb', '08_distill-raw.ipynb', '09_evaluate.ipynb']
+    assert load_config(out / 'distill' / 'config.yaml').train.epochs == 2
+    assert (out / 'report' / 'report.md').is_file()
