@@ -30,7 +30,8 @@ from .models import load_checkpoint, save_checkpoint, unwrap
 # %% auto #0
 __all__ = ['set_seed', 'rng_state', 'set_rng_state', 'init_distributed', 'is_main', 'default_device', 'lr_factor',
            'build_optimizer', 'build_scheduler', 'SegTask', 'to_device', 'autocast', 'validate', 'set_loader_epoch',
-           'progress_enabled', 'write_history', 'atomic_copy', 'plot_history', 'Learner', 'train_model']
+           'progress_enabled', 'write_history', 'atomic_copy', 'plot_history', 'Learner', 'average_gradients',
+           'train_model']
 
 # %% ../nbs/06_learner.ipynb #83236a14
 def set_seed(seed: int, deterministic: bool = False):
@@ -223,7 +224,7 @@ def train_epoch(self: Learner) -> dict:
         if i % 10 == 0: bar.set_postfix(loss=f"{float(logs['loss']):.3f}")
     return {f'train_{k}': float(v) / n for k, v in sums.items()}
 
-# %% ../nbs/06_learner.ipynb #d49085ee
+# %% ../nbs/06_learner.ipynb #42ebdc2e
 @patch
 def train_step(self: Learner, batch: dict, last: bool) -> dict:
     "Forward and backward on one batch; step the optimiser when `last` closes an accumulation group."
@@ -232,13 +233,21 @@ def train_step(self: Learner, batch: dict, last: bool) -> dict:
         with autocast(self.device, self.tc.amp): loss, logs = self.task.loss(self.model, batch)
         self.scaler.scale(loss / self.tc.accumulate).backward()
     if last:
+        if dist.is_initialized() and self.extra is not None: average_gradients(self.extra)
         if self.tc.grad_clip:
             self.scaler.unscale_(self.opt)
             nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g['params']], self.tc.grad_clip)
         self.scaler.step(self.opt); self.scaler.update(); self.opt.zero_grad(set_to_none=True); self.sched.step()
     return {'loss': loss.detach(), **logs}
 
-# %% ../nbs/06_learner.ipynb #6dafe4f9
+# %% ../nbs/06_learner.ipynb #84fda33d
+def average_gradients(module: nn.Module):
+    "Average `module`'s gradients across the processes of `torch.distributed`."
+    world = dist.get_world_size()
+    for p in module.parameters():
+        if p.grad is not None: dist.all_reduce(p.grad); p.grad.div_(world)
+
+# %% ../nbs/06_learner.ipynb #1ac5d6f2
 @patch
 def end_epoch(self: Learner, train: dict, val: dict, seconds: float):
     "Log the epoch, track the best Dice, and write checkpoints and logs."
@@ -254,7 +263,7 @@ def end_epoch(self: Learner, train: dict, val: dict, seconds: float):
     tqdm.write(f"{self.mode} epoch {self.epoch}/{self.tc.epochs}: loss {row.get('train_loss', float('nan')):.4f} "
                f"val dice {val['dice']:.4f} jaccard {val['jaccard']:.4f} ({seconds:.1f}s)")
 
-# %% ../nbs/06_learner.ipynb #3e736c31
+# %% ../nbs/06_learner.ipynb #502e4a39
 @patch
 def save(self: Learner, name: str, metrics: dict) -> Path:
     "Write a resumable checkpoint into the run folder's `checkpoints/`."
@@ -281,7 +290,7 @@ def resume(self: Learner):
     set_rng_state(extra['rng'])
     if is_main(): tqdm.write(f'resumed {self.mode} from {path} after epoch {self.epoch}')
 
-# %% ../nbs/06_learner.ipynb #4cba4e33
+# %% ../nbs/06_learner.ipynb #ba6ea578
 def train_model(cfg: Config, # the resolved config
                 model_cfg: ModelConfig, # which network to train (cfg.teacher or cfg.student)
                 role: str, # 'teacher' or 'student', recorded in the checkpoint

@@ -164,13 +164,15 @@ def test_resume_after_kill_matches_uninterrupted_run(data_args, tmp_path):
 
 def test_torchrun_two_cpu_processes(data_args, tmp_path):
     out = tmp_path / 'ddp'
-    p = run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=0' if False else '--standalone',
-             '-m', 'skinkd.distill', '--mode', 'raw', *data_args, '--set', 'data.num_workers=0', '--out', str(out)], timeout=600)
-    assert p.stdout.count('"mode": "raw"') == 1          # rank 0 alone reports
+    p = run(['torchrun', '--standalone', '--nproc_per_node=2', '-m', 'skinkd.distill', '--mode', 'raw', *data_args,
+             '--set', 'data.num_workers=0', '--set', 'train.sync_bn=true', '--out', str(out)], timeout=600)
+    assert p.stdout.count('"mode": "raw"') == 1                         # rank 0 alone reports...
+    assert p.stdout.count('raw epoch 2/2') == 1                         # ...and logs
     ck = load_checkpoint(out / 'checkpoints' / 'last.pt')
-    assert ck['epoch'] == 2 and ck['extra']['mode'] == 'raw'
-    assert not any(k.startswith('module.') for k in ck['model'])   # saved unwrapped from DDP
-    assert ck['extra'].get('world_size') == 2
+    assert ck['epoch'] == 2 and ck['extra']['mode'] == 'raw' and ck['extra']['world_size'] == 2
+    assert not any(k.startswith('module.') for k in ck['model'])       # saved unwrapped from DDP
+    rows = (out / 'metrics.csv').read_text().strip().splitlines()
+    assert len(rows) == 3 and 0 < float(rows[-1].split(',')[rows[0].split(',').index('val_dice')]) <= 1
 
 
 def test_smoke_pipeline_through_papermill(tmp_path):
