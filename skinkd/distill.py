@@ -98,7 +98,7 @@ def run_mode(cfg: Config, mode: str, teacher_weights: str | None = None, student
     learner = train_student(cfg, mode, teacher_weights)
     return {'mode': mode, 'run_dir': cfg.output.run_dir, 'best_val_dice': round(learner.best, 4), 'epochs': learner.epoch}
 
-# %% ../nbs/08_distill.ipynb #36f4e5bb
+# %% ../nbs/08_distill.ipynb #4fe164ce
 @cli_main
 def main(argv: list[str] | None = None):
     "skinkd_distill: distil the student, train the raw baseline, or test a student checkpoint."
@@ -111,4 +111,4 @@ def main(argv: list[str] | None = None):
     result = run_mode(config_from_args(args), args.mode, args.teacher_weights, args.student_weights)
     if is_main(): print(json.dumps(result))
 
-if __name__ == '__main__' and 'ipykernel' not in sys.modules: main()
+if __name__ == '__main__' and '__file__' in globals(): main()  # python -m skinkd.distill, not this notebook

@@ -30,7 +30,7 @@ __all__ = ['IMAGENET_WEIGHTS', 'CHECKPOINT_KEYS', 'ROLES', 'dilate_stage', 'stag
            'imagenet_state_dict', 'state_mismatch', 'read_state_dict', 'load_backbone_weights', 'aspp_rates',
            'conv_bn_relu', 'ImagePooling', 'ASPP', 'Decoder', 'DeepLabV3Plus', 'build_model', 'count_params',
            'count_macs', 'CheckpointError', 'to_loadable', 'atomic_save', 'unwrap', 'save_checkpoint',
-           'load_checkpoint', 'describe_model_config', 'load_weights', 'load_model', 'fold_batchnorm',
+           'load_checkpoint', 'describe_model_config', 'load_weights', 'load_model', 'fold_batchnorm', 'freeze_for_cpu',
            'prepare_for_inference', 'prepare_for_training', 'example_input', 'export_model', 'run_exported',
            'export_checkpoint', 'export_cli']
 
@@ -378,10 +378,20 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             setattr(parent, bn, nn.Identity())
     return model
 
-# %% ../nbs/03_models.ipynb #54bede1c
-def prepare_for_inference(model: nn.Module, channels_last: bool = True, fold_bn: bool = True, compile: bool = False) -> nn.Module:
-    "An eval-mode model for fast inference: BatchNorm folded (a copy), channels_last, optionally compiled."
+# %% ../nbs/03_models.ipynb #8d481538
+def freeze_for_cpu(model: nn.Module, example: torch.Tensor | None = None) -> torch.jit.ScriptModule:
+    "A traced, frozen TorchScript copy of `model` whose convolutions run in oneDNN with pre-packed weights."
+    example = torch.zeros(1, 3, 64, 64) if example is None else example  # any size: the graph stays size-generic
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # tracer warnings about shapes read in Python
+        return torch.jit.optimize_for_inference(torch.jit.trace(unwrap(model).eval(), example))
+
+def prepare_for_inference(model: nn.Module, channels_last: bool = True, fold_bn: bool = True, compile: bool = False,
+                          freeze: bool = False, # CPU: trace + freeze into oneDNN (logits only, no taps)
+                         ) -> nn.Module:
+    "An eval-mode model for fast inference: BatchNorm folded (a copy), channels_last, optionally compiled or frozen."
     model = fold_batchnorm(model) if fold_bn else unwrap(model).eval()
+    if freeze: return freeze_for_cpu(model)  # oneDNN picks its own blocked layout: channels_last is moot
     if channels_last: model = model.to(memory_format=torch.channels_last)
     return torch.compile(model) if compile else model
 
@@ -390,7 +400,7 @@ def prepare_for_training(model: nn.Module, channels_last: bool = True, compile: 
     if channels_last: model = model.to(memory_format=torch.channels_last)
     return torch.compile(model) if compile else model
 
-# %% ../nbs/03_models.ipynb #64c0e829
+# %% ../nbs/03_models.ipynb #a9a2252f
 def _require(module: str):
     "Import an optional dependency or explain how to install it."
     try: return __import__(module)
@@ -408,7 +418,7 @@ def example_input(size: int = 256, image: str | Path | None = None) -> torch.Ten
         img = torchvision.transforms.functional.pil_to_tensor(Image.open(image).convert('RGB').resize((size, size))) / 255
     return ((img - mean) / std)[None]
 
-# %% ../nbs/03_models.ipynb #750e5794
+# %% ../nbs/03_models.ipynb #801f2f15
 def export_model(model: nn.Module, fmt: str, # 'onnx' or 'torchscript'
                  out: str | Path, example: torch.Tensor) -> Path:
     "Export the folded model to ONNX or TorchScript, atomically."
@@ -435,7 +445,7 @@ def run_exported(path: str | Path, fmt: str, x: torch.Tensor) -> torch.Tensor:
     sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     return torch.from_numpy(sess.run(None, {'image': x.numpy()})[0])
 
-# %% ../nbs/03_models.ipynb #ab048ae7
+# %% ../nbs/03_models.ipynb #195a5e52
 def export_checkpoint(weights: str | Path, fmt: str, out: str | Path, size: int = 256,
                       image: str | Path | None = None) -> float:
     "Export a checkpoint's model; returns the max abs difference to eager PyTorch (relative when logits exceed 1)."

@@ -26,7 +26,7 @@ def train_teacher(cfg: Config) -> Learner:
     task = lambda model: (SegTask(seg_loss_from_config(cfg.train, cfg.teacher.num_classes)), None)
     return train_model(cfg, cfg.teacher, role='teacher', mode='teacher', make_task=task)
 
-# %% ../nbs/07_train_teacher.ipynb #1e2b2747
+# %% ../nbs/07_train_teacher.ipynb #d48c7246
 @cli_main
 def main(argv: list[str] | None = None):
     "skinkd_train_teacher: train the DeepLabV3+ teacher from a config."
@@ -39,4 +39,4 @@ def main(argv: list[str] | None = None):
     learner = train_teacher(cfg)
     if is_main(): print(json.dumps({'run_dir': cfg.output.run_dir, 'best_val_dice': round(learner.best, 4), 'epochs': learner.epoch}))
 
-if __name__ == '__main__' and 'ipykernel' not in sys.modules: main()
+if __name__ == '__main__' and '__file__' in globals(): main()  # python -m skinkd.teacher, not this notebook

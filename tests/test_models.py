@@ -259,6 +259,18 @@ def test_prepare_for_inference(trained_like, x):
     with torch.no_grad(): torch.testing.assert_close(fast(x), trained_like(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('separable', [False, True])
+def test_frozen_inference_equal_at_any_size(trained_like, separable):
+    "The frozen oneDNN graph gives the eager logits at sizes and batches other than the one it was traced at."
+    m = trained_like if not separable else DeepLabV3Plus('resnet18', aspp_separable=True, output_stride=8).eval()
+    frozen = prepare_for_inference(m, freeze=True)
+    assert isinstance(frozen, torch.jit.ScriptModule)
+    for shape in [(1, 3, H, W), (2, 3, 33, 40), (1, 3, 128, 96)]:
+        x = torch.randn(shape)
+        with torch.no_grad(): ref, out = m(x), frozen(x)
+        assert out.shape == ref.shape and (out - ref).abs().max().item() < 1e-4
+
+
 @pytest.mark.parametrize('fmt', ['torchscript', 'onnx'])
 def test_export_parity(fmt, trained_like, tmp_path):
     if fmt == 'onnx':
