@@ -166,6 +166,7 @@ def test_torchrun_two_cpu_processes(data_args, tmp_path):
     out = tmp_path / 'ddp'
     p = run(['torchrun', '--standalone', '--nproc_per_node=2', '-m', 'skinkd.distill', '--mode', 'raw', *data_args,
              '--set', 'data.num_workers=0', '--set', 'train.sync_bn=true', '--out', str(out)], timeout=600)
+    assert 'SyncBatchNorm needs GPUs' in p.stderr                       # sync_bn is refused on CPU, with a warning
     assert p.stdout.count('"mode": "raw"') == 1                         # rank 0 alone reports...
     assert p.stdout.count('raw epoch 2/2') == 1                         # ...and logs
     ck = load_checkpoint(out / 'checkpoints' / 'last.pt')
