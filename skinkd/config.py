@@ -23,8 +23,8 @@ import yaml
 __all__ = ['LAYOUTS', 'BACKBONES', 'TAPS', 'KD_KINDS', 'PATH_KEYS', 'SMOKE_OVERRIDES', 'SkinkdError', 'ConfigError', 'opt',
            'DataConfig', 'AugmentConfig', 'ModelConfig', 'TrainConfig', 'DistillTerm', 'DistillConfig', 'EvalConfig',
            'OutputConfig', 'Config', 'from_dict', 'parse_override', 'read_yaml', 'load_config', 'resolve_paths',
-           'config_to_yaml', 'save_config', 'add_config_args', 'config_from_args', 'cli_main', 'is_smoke',
-           'notebook_config', 'describe']
+           'atomic_write', 'config_to_yaml', 'save_config', 'add_config_args', 'config_from_args', 'cli_main',
+           'is_smoke', 'notebook_config', 'describe']
 
 # %% ../nbs/00_config.ipynb #17e1d70b
 class SkinkdError(Exception):
@@ -338,19 +338,30 @@ def resolve_paths(cfg: Config, base: str | Path = '.') -> Config:
         data[section][key] = str((Path(base) / value).resolve())
     return from_dict(Config, data)
 
-# %% ../nbs/00_config.ipynb #036f74c4
+# %% ../nbs/00_config.ipynb #fce35ced
+def atomic_write(path: str | Path, # the file to (re)write
+                 write, # called with a binary file object that receives the content
+                ) -> Path:
+    "Write `path` through a temporary file beside it, fsync and rename: readers never see a half-written file."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f: write(f); f.flush(); os.fsync(f.fileno())
+        os.chmod(tmp, 0o644); os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True); raise
+    return path
+
+# %% ../nbs/00_config.ipynb #1c27912c
 def config_to_yaml(cfg: Config) -> str:
     "The config as YAML text, sections in schema order."
     return yaml.safe_dump(asdict(cfg), sort_keys=False, default_flow_style=False)
 
 def save_config(cfg: Config, path: str | Path) -> Path:
     "Write the resolved config (atomically) so that `load_config(path) == cfg`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(config_to_yaml(cfg), encoding='utf-8'); tmp.replace(path)
-    return path
+    return atomic_write(path, lambda f: f.write(config_to_yaml(cfg).encode('utf-8')))
 
-# %% ../nbs/00_config.ipynb #4a4eaf0c
+# %% ../nbs/00_config.ipynb #f7de7420
 def add_config_args(parser: argparse.ArgumentParser, default_config: str | None = None) -> argparse.ArgumentParser:
     "Add the shared `--config`, `--set` and `--out` options to `parser`."
     parser.add_argument('--config', default=default_config, help='YAML config file (see configs/)')
@@ -365,7 +376,7 @@ def config_from_args(args: argparse.Namespace, extra: Mapping[str, Any] | None =
     if args.out: params['output.run_dir'] = args.out
     return resolve_paths(load_config(args.config, args.overrides, params))
 
-# %% ../nbs/00_config.ipynb #e6905cd1
+# %% ../nbs/00_config.ipynb #60958581
 def cli_main(fn):
     "Decorate a CLI entry point: a `SkinkdError` prints one line and exits with status 1."
     @functools.wraps(fn)
@@ -376,7 +387,7 @@ def cli_main(fn):
             sys.exit(1)
     return wrapper
 
-# %% ../nbs/00_config.ipynb #c116c885
+# %% ../nbs/00_config.ipynb #72d7c71a
 SMOKE_OVERRIDES = ['data.root=data/synthetic-smoke', 'data.synthetic_n=40', 'data.image_size=64', 'data.num_workers=0',
                    'teacher.backbone=resnet34', 'teacher.pretrained=null', 'student.pretrained=null',
                    'train.epochs=2', 'train.batch_size=4', 'train.warmup_epochs=0', 'eval.batch_size=8']
@@ -400,7 +411,7 @@ def notebook_config(config_path: str | None, # YAML config
     extra = SMOKE_OVERRIDES if is_smoke(preset) else []
     return resolve_paths(load_config(config_path, [*extra, *overrides], params), project_root)
 
-# %% ../nbs/00_config.ipynb #5af34481
+# %% ../nbs/00_config.ipynb #7f486212
 def describe(cls=Config, path: str = '') -> list[tuple[str, Any, str]]:
     "Rows of (dotted key, default, help) for every config key."
     rows = []
