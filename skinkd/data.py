@@ -751,26 +751,27 @@ class SegDataset(Dataset):
             torch.manual_seed(seed)
             return self.transform(img, mask)
 
-# %% ../nbs/01_data.ipynb #6b627d07
+# %% ../nbs/01_data.ipynb #5bc401cc
 def item_seed(seed: int, epoch: int, index: int) -> int:
     "The augmentation seed of item `index` in `epoch` of a run seeded with `seed`."
     return ((seed * 1_000_003 + epoch) * 1_000_033 + index) % 2 ** 63
 
 class EpochSampler(Sampler):
     "Yields (index, augmentation seed); order and seeds depend only on (seed, epoch); shards under torch.distributed."
-    def __init__(self, n: int, shuffle: bool = False, seed: int = 0):
-        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+    def __init__(self, n: int, shuffle: bool = False, seed: int = 0,
+                 pad: bool = True): # repeat items so every process gets as many (training); False: disjoint shards (scoring)
+        self.n, self.shuffle, self.seed, self.pad, self.epoch = n, shuffle, seed, pad, 0
         ddp = dist.is_available() and dist.is_initialized()
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     def set_epoch(self, epoch: int): self.epoch = epoch
-    def __len__(self) -> int: return math.ceil(self.n / self.world)
+    def __len__(self) -> int: return math.ceil(self.n / self.world) if self.pad else len(range(self.rank, self.n, self.world))
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = (torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)).tolist()
-        order = (order * self.world)[:len(self) * self.world]
+        if self.pad: order = (order * self.world)[:math.ceil(self.n / self.world) * self.world]
         return iter([(i, item_seed(self.seed, self.epoch, i)) for i in order[self.rank::self.world]])
 
-# %% ../nbs/01_data.ipynb #71faf01e
+# %% ../nbs/01_data.ipynb #6de92361
 def seed_worker(worker_id: int):
     "Seed numpy and random in a DataLoader worker from its torch seed."
     s = torch.initial_seed() % 2 ** 32
@@ -784,8 +785,9 @@ def build_loader(dataset: Dataset, # e.g. a `SegDataset`
                  drop_last: bool = False, # drop the last incomplete batch
                 ) -> DataLoader:
     "A DataLoader whose order and augmentations depend only on (seed, epoch); sharded under torch.distributed."
-    workers = default_workers(num_workers)
-    return DataLoader(dataset, batch_size, sampler=EpochSampler(len(dataset), shuffle, seed), num_workers=workers,
+    workers, sampler = default_workers(num_workers), EpochSampler(len(dataset), shuffle, seed, pad=shuffle)
+    drop_last = drop_last and len(sampler) >= batch_size  # per process: never drop every batch of a small shard
+    return DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers,
                       persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), worker_init_fn=seed_worker,
                       generator=torch.Generator().manual_seed(seed), drop_last=drop_last)
 
@@ -799,7 +801,7 @@ class DataBundle:
     datasets: dict[str, SegDataset]
     loaders: dict[str, DataLoader]
 
-# %% ../nbs/01_data.ipynb #8b7e9c23
+# %% ../nbs/01_data.ipynb #dfc380c2
 def prepare_root(cfg: Config) -> Path:
     "The data root, generating the synthetic set there first when asked for and missing."
     root, d = Path(cfg.data.root), cfg.data
@@ -818,5 +820,5 @@ def get_data(cfg: Config) -> DataBundle:
     datasets = {k: SegDataset(c, build_transforms(cfg.augment, k == 'train', d.image_size)) for k, c in caches.items()}
     bs = {'train': cfg.train.batch_size}
     loaders = {k: build_loader(ds, bs.get(k, cfg.eval.batch_size), shuffle=k == 'train', num_workers=d.num_workers,
-                               seed=cfg.train.seed, drop_last=k == 'train' and len(ds) >= bs['train']) for k, ds in datasets.items()}
+                               seed=cfg.train.seed, drop_last=k == 'train') for k, ds in datasets.items()}
     return DataBundle(report, splits, caches, datasets, loaders)

@@ -32,7 +32,7 @@ __all__ = ['MODE_NAMES', 'TABLE_METRICS', 'EvaluationError', 'predict', 'score_m
            'model_name', 'unique_names', 'ModelResult', 'evaluate_checkpoint', 'bootstrap_ci', 'wilcoxon_p',
            'paired_comparison', 'results_table', 'ratio_table', 'paired_table', 'box_plots', 'worst_gallery',
            'Evaluation', 'write_per_image_csv', 'write_json', 'report_markdown', 'evaluate_checkpoints',
-           'viewer_metrics', 'evaluate_from_config', 'main']
+           'viewer_metrics', 'split_cache', 'evaluate_from_config', 'main']
 
 # %% ../nbs/09_evaluate.ipynb #a6f85d00
 class EvaluationError(SkinkdError, ValueError):
@@ -346,7 +346,14 @@ def _write_outputs(ev: Evaluation, images, truth, focus: ModelResult, gallery_k:
     text = report_markdown(ev, notes=notes)
     atomic_write(f['report'], lambda fh: fh.write(text.encode()))
 
-# %% ../nbs/09_evaluate.ipynb #d316cde2
+# %% ../nbs/09_evaluate.ipynb #4f4cadc4
+def split_cache(cfg: Config, split: str = 'test'):
+    "The cached images of `split` in the data `cfg` describes; a clear error when there is no such split."
+    data = get_data(cfg)
+    if split not in data.caches: raise EvaluationError(f"the data in {cfg.data.root} has no '{split}' split (has: {', '.join(data.caches)}); "
+                                                      'set data.test_fraction > 0 or pass --split val')
+    return data.caches[split]
+
 def evaluate_from_config(cfg: Config, # resolved config (paths absolute)
                          paths: list, # checkpoint files
                          out: str | Path | None = None, # output folder (default: cfg.output.run_dir)
@@ -354,13 +361,11 @@ def evaluate_from_config(cfg: Config, # resolved config (paths absolute)
                          latency_runs: int = 3, # timed runs per model
                         ) -> Evaluation:
     "Prepare the data described by `cfg` and evaluate the checkpoints on `split`."
-    data = get_data(cfg)
-    if split not in data.caches: raise EvaluationError(f"the data in {cfg.data.root} has no '{split}' split (has: {', '.join(data.caches)}); "
-                                                      'set data.test_fraction > 0 or pass --split val')
+    cache = split_cache(cfg, split)
     e, out = cfg.eval, Path(out or cfg.output.run_dir)
     notes = (f"Data: `{cfg.data.root}`, split `{split}`, working size {cfg.data.image_size} px; scored at the "
              f"{'original' if e.original_resolution else 'working'} resolution, threshold {e.threshold}, flip TTA {'on' if e.tta else 'off'}.")
-    ev = evaluate_checkpoints([str(p) for p in paths], data.caches[split], out, e.threshold, e.tta, e.batch_size,
+    ev = evaluate_checkpoints([str(p) for p in paths], cache, out, e.threshold, e.tta, e.batch_size,
                               e.original_resolution, cfg.augment.normalize, latency_runs, notes=notes)
     save_config(cfg, out / 'config.yaml')
     return ev

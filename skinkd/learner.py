@@ -33,7 +33,7 @@ from .models import load_checkpoint, save_checkpoint, unwrap
 __all__ = ['set_seed', 'rng_state', 'set_rng_state', 'init_distributed', 'is_main', 'default_device', 'lr_factor',
            'build_optimizer', 'build_scheduler', 'SegTask', 'to_device', 'autocast', 'validate', 'set_loader_epoch',
            'progress_enabled', 'write_history', 'atomic_copy', 'plot_history', 'Learner', 'average_gradients',
-           'train_model']
+           'resume_conflicts', 'train_model']
 
 # %% ../nbs/06_learner.ipynb #83236a14
 def set_seed(seed: int, deterministic: bool = False):
@@ -164,7 +164,7 @@ def plot_history(history: list[dict], path: Path):
     a.set(xlabel='epoch', title='training loss'); b.set(xlabel='epoch', title='validation', ylim=(0, 1))
     a.legend(fontsize=7); b.legend(fontsize=7); fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
 
-# %% ../nbs/06_learner.ipynb #c2477a07
+# %% ../nbs/06_learner.ipynb #a7739a1c
 class Learner:
     "Train `model` on `task` with the recipe in `cfg.train`, writing a run folder."
     def __init__(self, model: nn.Module, task, loaders: dict, cfg: Config, model_cfg: ModelConfig,
@@ -178,6 +178,9 @@ class Learner:
         self.sched = build_scheduler(self.opt, self.tc, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.tc.amp == 'fp16' and self.device.type == 'cuda')
         self.epoch, self.history, self.best, self.bad_epochs = 0, [], -1.0, 0
+        if self.batches_per_epoch == 0:
+            raise SkinkdError(f'the training split has fewer images per process than train.batch_size ({self.tc.batch_size}); '
+                              'lower train.batch_size or add data')
 
     @property
     def batches_per_epoch(self) -> int: return min(len(self.loaders['train']), self.tc.limit_train_batches or 10**12)
@@ -199,16 +202,19 @@ class Learner:
     def fit(self) -> dict:
         "Train until `train.epochs` (or early stopping); return the last epoch's row."
         if self.tc.resume: self.resume()
+        elif self.epoch == 0 and (self.run_dir / 'checkpoints' / 'last.pt').exists():
+            raise SkinkdError(f'{self.run_dir} already holds a run (checkpoints/last.pt); continue it with '
+                              '--set train.resume=true, or choose another --out')
         if is_main(): save_config(self.cfg, self.run_dir / 'config.yaml')
         while self.epoch < self.tc.epochs and not self.stopped:
             start = time.time()
             train = self.train_epoch()
-            val = validate(self.model, self.loaders['val'], self.device, self.cfg.eval.threshold, self.tc.channels_last, self.tc.amp)
+            val = validate(unwrap(self.model), self.loaders['val'], self.device, self.cfg.eval.threshold, self.tc.channels_last, self.tc.amp)
             self.epoch += 1
             self.end_epoch(train, val, time.time() - start)
         return self.history[-1] if self.history else {}
 
-# %% ../nbs/06_learner.ipynb #6794cd89
+# %% ../nbs/06_learner.ipynb #20bad1b0
 @patch
 def train_epoch(self: Learner) -> dict:
     "One pass over the training loader; mean losses by name."
@@ -216,21 +222,25 @@ def train_epoch(self: Learner) -> dict:
     n, sums = self.batches_per_epoch, {}
     bar = tqdm(self.loaders['train'], total=n, desc=f'{self.mode} epoch {self.epoch + 1}/{self.tc.epochs}',
                disable=not is_main() or not progress_enabled(), leave=False)
+    acc = self.tc.accumulate
     for i, batch in enumerate(bar):
         if i == n: break
-        logs = self.train_step(to_device(batch, self.device, self.tc.channels_last), last=(i + 1) % self.tc.accumulate == 0 or i + 1 == n)
+        group = min(acc, n - i // acc * acc)  # the last group of an epoch may be smaller
+        logs = self.train_step(to_device(batch, self.device, self.tc.channels_last), last=(i + 1) % acc == 0 or i + 1 == n, group=group)
         for k, v in logs.items(): sums[k] = sums.get(k, 0) + v
         if i % 10 == 0: bar.set_postfix(loss=f"{float(logs['loss']):.3f}")
-    return {f'train_{k}': float(v) / n for k, v in sums.items()}
+    means = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in sums.values()]) / n
+    if dist.is_initialized(): dist.all_reduce(means); means /= dist.get_world_size()
+    return {f'train_{k}': float(v) for k, v in zip(sums, means)}
 
-# %% ../nbs/06_learner.ipynb #42ebdc2e
+# %% ../nbs/06_learner.ipynb #a8a4a107
 @patch
-def train_step(self: Learner, batch: dict, last: bool) -> dict:
-    "Forward and backward on one batch; step the optimiser when `last` closes an accumulation group."
+def train_step(self: Learner, batch: dict, last: bool, group: int = 1) -> dict:
+    "Forward and backward on one batch of an accumulation group of `group` batches; step when `last` closes it."
     no_sync = getattr(self.model, 'no_sync', None)
     with (no_sync() if no_sync and not last else contextlib.nullcontext()):
         with autocast(self.device, self.tc.amp): loss, logs = self.task.loss(self.model, batch)
-        self.scaler.scale(loss / self.tc.accumulate).backward()
+        self.scaler.scale(loss / group).backward()
     if last:
         if dist.is_initialized() and self.extra is not None: average_gradients(self.extra)
         if self.tc.grad_clip:
@@ -262,7 +272,7 @@ def end_epoch(self: Learner, train: dict, val: dict, seconds: float):
     tqdm.write(f"{self.mode} epoch {self.epoch}/{self.tc.epochs}: loss {row.get('train_loss', float('nan')):.4f} "
                f"val dice {val['dice']:.4f} jaccard {val['jaccard']:.4f} ({seconds:.1f}s)")
 
-# %% ../nbs/06_learner.ipynb #502e4a39
+# %% ../nbs/06_learner.ipynb #71e78319
 @patch
 def save(self: Learner, name: str, metrics: dict) -> Path:
     "Write a resumable checkpoint into the run folder's `checkpoints/`."
@@ -273,6 +283,16 @@ def save(self: Learner, name: str, metrics: dict) -> Path:
                            epoch=self.epoch, optimizer=self.opt, scheduler=self.sched, scaler=self.scaler,
                            metrics={k: float(v) for k, v in metrics.items()}, extra=extra)
 
+def resume_conflicts(ck: dict, cfg: Config, model_cfg: ModelConfig) -> list[str]:
+    "The settings a checkpoint cannot be resumed under: architecture, optimiser, precision, KD terms, batch geometry."
+    saved, now = ck['extra']['config'], asdict(cfg)
+    keys = [f'train.{k}' for k in ('optimizer', 'amp', 'batch_size', 'accumulate')] + ['distill.terms'] * (ck['extra']['mode'] == 'distill')
+    out = [k for k in keys if saved[k.split('.')[0]][k.split('.')[1]] != now[k.split('.')[0]][k.split('.')[1]]]
+    if ck['model_config'] != asdict(model_cfg): out.append(f"the {ck['role']} model section")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if ck['extra'].get('world_size', 1) != world: out.append(f"the number of processes ({ck['extra'].get('world_size', 1)} -> {world})")
+    return out
+
 @patch
 def resume(self: Learner):
     "Restore everything from the run folder's `last.pt`, to continue where it stopped."
@@ -282,6 +302,10 @@ def resume(self: Learner):
     ck = load_checkpoint(path); extra = ck['extra']
     if extra.get('mode') != self.mode:
         raise SkinkdError(f"cannot resume: {path} is a '{extra.get('mode')}' run, not '{self.mode}'; use another --out")
+    changed = resume_conflicts(ck, self.cfg, self.model_cfg)
+    if changed:
+        raise SkinkdError(f"cannot resume {path}: changed since it was written: {', '.join(changed)}; "
+                          'restore them, or start a new run with another --out')
     unwrap(self.model).load_state_dict(ck['model']); self.opt.load_state_dict(ck['optimizer'])
     self.sched.load_state_dict(ck['scheduler']); self.scaler.load_state_dict(ck['scaler'])
     if self.extra is not None: self.extra.load_state_dict(extra['extra_modules'])
@@ -289,7 +313,7 @@ def resume(self: Learner):
     set_rng_state(extra['rng'])
     if is_main(): tqdm.write(f'resumed {self.mode} from {path} after epoch {self.epoch}')
 
-# %% ../nbs/06_learner.ipynb #ba6ea578
+# %% ../nbs/06_learner.ipynb #ef2a6060
 def train_model(cfg: Config, # the resolved config
                 model_cfg: ModelConfig, # which network to train (cfg.teacher or cfg.student)
                 role: str, # 'teacher' or 'student', recorded in the checkpoint
@@ -302,6 +326,10 @@ def train_model(cfg: Config, # the resolved config
     from skinkd.models import build_model
     init_distributed(); set_seed(cfg.train.seed, cfg.train.deterministic)
     data = data or get_data(cfg)
+    missing = [s for s in ('train', 'val') if s not in data.loaders]
+    if missing:
+        raise SkinkdError(f"the data in {cfg.data.root} has no {' or '.join(missing)} split; set data.val_fraction > 0 "
+                          '(or list val ids in data.split_file)')
     model = build_model(model_cfg)
     task, extra = make_task(model)
     learner = Learner(model, task, data.loaders, cfg, model_cfg, role, mode, extra)
