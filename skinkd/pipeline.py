@@ -98,11 +98,13 @@ def summarize_run(out: Path, seconds: float) -> dict:
     (out / 'summary.json').write_text(json.dumps(summary, indent=2))
     return summary
 
-# %% ../nbs/11_pipeline.ipynb #e9263eb2
+# %% ../nbs/11_pipeline.ipynb #fb68cfb8
 def run_pipeline(config: str | Path, out: str | Path, overrides: list[str] = (), smoke: bool = False,
                  log_output: bool = True) -> dict:
     "Execute every stage in order into the run folder `out`; return the summary."
     start, nbs, out = time.time(), notebooks_dir(), Path(out).resolve()
+    if (out / 'notebooks').exists():
+        raise SkinkdError(f'{out} already holds a pipeline run; choose another --out (or delete it to start over)')
     config = Path(config).resolve()
     cfg = notebook_config(str(config), overrides, str(out), 'smoke' if smoke else 'full', str(Path.cwd()))
     plan = [(s, stage_params(s, config, overrides, smoke)) for s in stages(out, cfg)]
