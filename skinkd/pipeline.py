@@ -24,7 +24,7 @@ from .config import Config, SkinkdError, add_config_args, cli_main, load_config,
 __all__ = ['Stage', 'stages', 'notebooks_dir', 'stage_params', 'check_parameters', 'run_stage', 'summarize_run', 'run_pipeline',
            'main']
 
-# %% ../nbs/11_pipeline.ipynb #4a02f4fc
+# %% ../nbs/11_pipeline.ipynb #351dee7e
 @dataclass
 class Stage:
     "One notebook execution: which chapter, under which name, with which parameters."
@@ -37,7 +37,8 @@ def stages(out: Path, cfg: Config) -> list[Stage]:
     "The experiment: explore the data, train the teacher, the raw and the distilled student, compare them."
     teacher = str(out / 'teacher' / 'checkpoints' / 'best.pt')
     ckpts = [teacher] + [str(out / m / 'checkpoints' / 'best.pt') for m in ('raw', 'distill')]
-    explore = {'data_root': cfg.data.root, 'layout': cfg.data.layout, 'image_size': cfg.data.image_size}
+    explore = {'data_root': cfg.data.root, 'layout': cfg.data.layout, 'image_size': cfg.data.image_size,
+               'train_epochs': 0}  # the quick Otsu comparison is redundant here: the real models follow
     return [Stage('02_explore', '02_explore.ipynb', explore, shared=False),
             Stage('07_train_teacher', '07_train_teacher.ipynb', {'run_dir': str(out / 'teacher')}),
             Stage('08_distill-raw', '08_distill.ipynb', {'mode': 'raw', 'run_dir': str(out / 'raw')}),
