@@ -98,3 +98,14 @@ def test_no_batches_per_process_is_an_error(tmp_path):
     lrn.loaders['train'] = []
     with pytest.raises(SkinkdError, match='fewer images per process than train.batch_size'):
         Learner(tiny_net(), lrn.task, lrn.loaders, lrn.cfg, ModelConfig(), 'student', 'raw')
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path):
+    lrn = learner(tmp_path, sets=['train.epochs=2', 'train.amp=bf16', 'train.lr=0.5'])
+    seen = []
+    task_loss = lrn.task.loss
+    lrn.task.loss = lambda m, b: (lambda out: (seen.append(m(b['image']).dtype), out)[1])(task_loss(m, b))
+    lrn.fit()
+    assert seen and all(d == torch.bfloat16 for d in seen)          # the forward really ran in bf16
+    assert all(torch.isfinite(torch.tensor(r['train_loss'])) for r in lrn.history)
+    assert all(p.dtype == torch.float32 for p in lrn.model.parameters())  # weights stay fp32
