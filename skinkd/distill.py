@@ -76,7 +76,7 @@ def train_student(cfg: Config, mode: str = 'distill', teacher_weights: str | Pat
     teacher = load_teacher(teacher_weights, cfg.student, cfg.train.channels_last) if mode == 'distill' else None
     return train_model(cfg, cfg.student, role='student', mode=mode, make_task=student_task(cfg, mode, teacher))
 
-# %% ../nbs/08_distill.ipynb #9ace2295
+# %% ../nbs/08_distill.ipynb #7fb4c5a8
 def test_student(cfg: Config, student_weights: str | Path | None = None) -> dict:
     "Evaluate a student checkpoint on the test split; write metrics.json and per_image.csv."
     from skinkd.evaluate import evaluate_checkpoint, split_cache, write_json, write_per_image_csv
@@ -88,7 +88,7 @@ def test_student(cfg: Config, student_weights: str | Path | None = None) -> dict
         raise SkinkdError(f'--mode test evaluates students: {path} is a {role} checkpoint; use skinkd_evaluate for any checkpoint')
     cache = split_cache(cfg, 'test')
     r = evaluate_checkpoint(path, cache, range(len(cache)), None, e.threshold, e.tta, e.batch_size, e.original_resolution,
-                            cfg.augment.normalize, device=default_device())
+                            cfg.augment.normalize, device=default_device(), compile=e.compile)
     summary = {**{k: round(float(v), 6) for k, v in r.summary.items()}, 'params': r.params, 'macs': r.macs,
                'cpu_latency_s': round(r.latency_s, 5), 'checkpoint': str(path)}
     write_json(out / 'metrics.json', summary); write_per_image_csv(out / 'per_image.csv', list(cache.ids), [r])

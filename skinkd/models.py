@@ -28,11 +28,11 @@ from .config import BACKBONES, ConfigError, ModelConfig, SkinkdError, atomic_wri
 # %% auto #0
 __all__ = ['IMAGENET_WEIGHTS', 'CHECKPOINT_KEYS', 'ROLES', 'dilate_stage', 'stage_rates', 'ResNetBackbone', 'PretrainedError',
            'imagenet_state_dict', 'state_mismatch', 'read_state_dict', 'load_backbone_weights', 'aspp_rates',
-           'conv_bn_relu', 'ImagePooling', 'ASPP', 'Decoder', 'DeepLabV3Plus', 'build_model', 'count_params',
-           'count_macs', 'CheckpointError', 'to_loadable', 'atomic_save', 'unwrap', 'save_checkpoint',
+           'AtrousConv2d', 'conv_bn_relu', 'ImagePooling', 'ASPP', 'Decoder', 'DeepLabV3Plus', 'build_model',
+           'count_params', 'count_macs', 'CheckpointError', 'to_loadable', 'atomic_save', 'unwrap', 'save_checkpoint',
            'load_checkpoint', 'describe_model_config', 'load_weights', 'load_model', 'fold_batchnorm', 'freeze_for_cpu',
-           'prepare_for_inference', 'prepare_for_training', 'example_input', 'export_model', 'run_exported',
-           'export_checkpoint', 'export_cli']
+           'CompiledForInference', 'compile_for_inference', 'prepare_for_inference', 'prepare_for_training',
+           'example_input', 'export_model', 'run_exported', 'export_checkpoint', 'export_cli']
 
 # %% ../nbs/03_models.ipynb #8cd709b6
 def dilate_stage(stage: nn.Sequential, # a ResNet stage (layer3 or layer4)
@@ -146,10 +146,21 @@ def load_backbone_weights(backbone: ResNetBackbone, # the encoder to initialise
     backbone.load_state_dict(sd)
     return backbone
 
-# %% ../nbs/03_models.ipynb #19f0df4e
+# %% ../nbs/03_models.ipynb #9ea85b16
 def aspp_rates(output_stride: int) -> tuple[int, int, int]:
     "The atrous rates of the three 3x3 ASPP branches for an output stride."
     return (6, 12, 18) if output_stride == 16 else (12, 24, 36)
+
+class AtrousConv2d(nn.Conv2d):
+    "A 'same'-padded, stride-1 dilated convolution that skips the kernel rows and columns that only ever see padding."
+    def forward(self, x):
+        rows, cols = x.shape[-2] <= self.dilation[0], x.shape[-1] <= self.dilation[1]
+        if not (rows or cols) or torch.jit.is_tracing() or torch.jit.is_scripting(): return super().forward(x)
+        ch, cw = self.kernel_size[0] // 2, self.kernel_size[1] // 2  # the centre tap
+        weight = self.weight[:, :, ch:ch + 1] if rows else self.weight
+        weight = weight[..., cw:cw + 1] if cols else weight
+        padding = (0 if rows else self.padding[0], 0 if cols else self.padding[1])
+        return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
 def conv_bn_relu(cin: int, cout: int, # input and output channels
                  kernel: int = 3, # kernel size (1 or 3)
@@ -157,14 +168,14 @@ def conv_bn_relu(cin: int, cout: int, # input and output channels
                  separable: bool = False, # depthwise 3x3 then pointwise 1x1
                 ) -> nn.Sequential:
     "Convolution + BatchNorm + ReLU that keeps the spatial size."
-    pad = dilation * (kernel // 2)
+    pad, conv = dilation * (kernel // 2), AtrousConv2d if dilation > 1 else nn.Conv2d
     if separable and kernel > 1:
-        convs = [nn.Conv2d(cin, cin, kernel, padding=pad, dilation=dilation, groups=cin, bias=False),
+        convs = [conv(cin, cin, kernel, padding=pad, dilation=dilation, groups=cin, bias=False),
                  nn.Conv2d(cin, cout, 1, bias=False)]
-    else: convs = [nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False)]
+    else: convs = [conv(cin, cout, kernel, padding=pad, dilation=dilation, bias=False)]
     return nn.Sequential(*convs, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
-# %% ../nbs/03_models.ipynb #47d06979
+# %% ../nbs/03_models.ipynb #439a3e04
 class ImagePooling(nn.Module):
     "ASPP's image-level branch: global average, 1x1 conv, broadcast back to the map size."
     def __init__(self, cin: int, cout: int):
@@ -185,7 +196,7 @@ class ASPP(nn.Module):
 
     def forward(self, x): return self.project(torch.cat([b(x) for b in self.branches], 1))
 
-# %% ../nbs/03_models.ipynb #008f15b0
+# %% ../nbs/03_models.ipynb #787760b2
 class Decoder(nn.Module):
     "DeepLabV3+ decoder: upsample ASPP to layer1's size, concat reduced layer1, two 3x3 convs."
     def __init__(self, low_channels: int, cin: int = 256, cout: int = 256, separable: bool = False):
@@ -198,7 +209,7 @@ class Decoder(nn.Module):
         up = F.interpolate(aspp, size=low.shape[-2:], mode='bilinear', align_corners=False)
         return self.fuse(torch.cat([up, self.reduce(low)], 1))
 
-# %% ../nbs/03_models.ipynb #8b382cbd
+# %% ../nbs/03_models.ipynb #8fc933eb
 class DeepLabV3Plus(nn.Module):
     "DeepLabV3+ with a ResNet backbone; `forward(x, return_features=True)` also returns the feature taps."
     def __init__(self, backbone: str = 'resnet18', num_classes: int = 1, output_stride: int = 16,
@@ -223,7 +234,7 @@ class DeepLabV3Plus(nn.Module):
         if not return_features: return logits
         return dict(layer1=l1, layer2=l2, layer3=l3, layer4=l4, aspp=a, decoder=d, logits=logits)
 
-# %% ../nbs/03_models.ipynb #874587f5
+# %% ../nbs/03_models.ipynb #b1079012
 def _init_head(modules):
     "He-normal convolutions, unit BatchNorm, zero biases for the layers that are not pretrained."
     for m in (m for mod in modules for m in mod.modules()):
@@ -238,7 +249,7 @@ def build_model(mcfg: ModelConfig # a `teacher` or `student` config section
     return DeepLabV3Plus(mcfg.backbone, mcfg.num_classes, mcfg.output_stride, mcfg.pretrained,
                          mcfg.aspp_separable, mcfg.dropout)
 
-# %% ../nbs/03_models.ipynb #30c27a73
+# %% ../nbs/03_models.ipynb #6a1170cd
 def count_params(model: nn.Module) -> int:
     "Number of parameters."
     return sum(p.numel() for p in model.parameters())
@@ -252,7 +263,7 @@ def count_macs(model: nn.Module, size: int = 256) -> int:
     finally: model.train(was_training)
     return fc.get_total_flops() // 2
 
-# %% ../nbs/03_models.ipynb #4e767d80
+# %% ../nbs/03_models.ipynb #56f15632
 class CheckpointError(SkinkdError):
     "A checkpoint file that is missing, unreadable, not from skinkd, or does not fit the model."
 
@@ -273,7 +284,7 @@ def to_loadable(obj, where: str = 'checkpoint'):
     raise TypeError(f'{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which torch.load(weights_only=True) '
                     'refuses; store tensors, numbers, strings, lists and dicts only')
 
-# %% ../nbs/03_models.ipynb #f89e629f
+# %% ../nbs/03_models.ipynb #0ed101cc
 def atomic_save(obj, path: str | Path) -> Path:
     "`torch.save` through `atomic_write`: a checkpoint is never half-written."
     return atomic_write(path, lambda f: torch.save(obj, f))
@@ -284,7 +295,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = model.module if hasattr(model, 'module') else model._orig_mod
     return model
 
-# %% ../nbs/03_models.ipynb #e3ba75b4
+# %% ../nbs/03_models.ipynb #5771149e
 def _state(obj):
     "The state dict of an optional optimizer/scheduler/scaler."
     return None if obj is None else obj.state_dict()
@@ -301,7 +312,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_cfg: ModelConfig, 
                 metrics=dict(metrics or {}), extra=dict(extra or {}))
     return atomic_save(to_loadable(ckpt), path)
 
-# %% ../nbs/03_models.ipynb #4c53249c
+# %% ../nbs/03_models.ipynb #2f80b63a
 def _unreadable(path: Path, e: Exception) -> str:
     "Why `torch.load` could not read `path`."
     with open(path, 'rb') as f: head = f.read(4)
@@ -332,7 +343,7 @@ def load_checkpoint(path: str | Path, map_location='cpu') -> dict:
     except Exception as e: raise CheckpointError(_unreadable(path, e)) from None
     return _validate(ckpt, path)
 
-# %% ../nbs/03_models.ipynb #9d2f7eb5
+# %% ../nbs/03_models.ipynb #2d81da78
 def describe_model_config(mc: dict) -> str:
     "A short architecture name, e.g. 'resnet18 OS16 separable, 1 class'."
     return (f"{mc['backbone']} OS{mc['output_stride']}{' separable' if mc['aspp_separable'] else ''}, "
@@ -354,7 +365,7 @@ def load_model(path: str | Path, map_location='cpu') -> tuple[DeepLabV3Plus, dic
     model = load_weights(build_model(mcfg), ckpt, path).to(map_location)
     return model.eval(), ckpt
 
-# %% ../nbs/03_models.ipynb #304c1404
+# %% ../nbs/03_models.ipynb #380e8328
 def _conv_bn_pairs(parent: nn.Module):
     "Names of (conv, bn) children of `parent` where a BatchNorm2d directly follows a Conv2d."
     names = list(parent._modules)
@@ -370,7 +381,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             setattr(parent, bn, nn.Identity())
     return model
 
-# %% ../nbs/03_models.ipynb #8d481538
+# %% ../nbs/03_models.ipynb #d11f0ac0
 def freeze_for_cpu(model: nn.Module, example: torch.Tensor | None = None) -> torch.jit.ScriptModule:
     "A traced, frozen TorchScript copy of `model` whose convolutions run in oneDNN with pre-packed weights."
     example = torch.zeros(1, 3, 64, 64) if example is None else example  # any size: the graph stays size-generic
@@ -378,21 +389,36 @@ def freeze_for_cpu(model: nn.Module, example: torch.Tensor | None = None) -> tor
         warnings.simplefilter('ignore')  # tracer warnings about shapes read in Python
         return torch.jit.optimize_for_inference(torch.jit.trace(unwrap(model).eval(), example))
 
-def prepare_for_inference(model: nn.Module, channels_last: bool = True, fold_bn: bool = True, compile: bool = False,
+class CompiledForInference(nn.Module):
+    "`model` under `torch.compile`, with Inductor's weight freezing on for its compilations; call it without gradients."
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.module = torch.compile(model, dynamic=False)  # each new input shape compiles once
+
+    def forward(self, *args, **kwargs):  # compilation happens inside the call, so that is where freezing must be on
+        from torch._inductor import config  # imported on first use: importing Inductor takes seconds
+        with config.patch(freezing=True): return self.module(*args, **kwargs)
+
+def compile_for_inference(model: nn.Module) -> nn.Module:
+    "`model` compiled on its first call, its weights frozen into the compiled code as constants."
+    return CompiledForInference(model)
+
+def prepare_for_inference(model: nn.Module, channels_last: bool = True, fold_bn: bool = True,
+                          compile: bool = False, # Inductor with frozen weights (`compile_for_inference`)
                           freeze: bool = False, # CPU: trace + freeze into oneDNN (logits only, no taps)
                          ) -> nn.Module:
     "An eval-mode model for fast inference: BatchNorm folded (a copy), channels_last, optionally compiled or frozen."
     model = fold_batchnorm(model) if fold_bn else unwrap(model).eval()
     if freeze: return freeze_for_cpu(model)  # oneDNN picks its own blocked layout: channels_last is moot
     if channels_last: model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if compile else model
+    return compile_for_inference(model) if compile else model
 
 def prepare_for_training(model: nn.Module, channels_last: bool = True, compile: bool = False) -> nn.Module:
     "The model in channels_last layout and optionally compiled (`train.channels_last`, `train.compile`)."
     if channels_last: model = model.to(memory_format=torch.channels_last)
     return torch.compile(model) if compile else model
 
-# %% ../nbs/03_models.ipynb #a9a2252f
+# %% ../nbs/03_models.ipynb #058752e4
 def _require(module: str):
     "Import an optional dependency or explain how to install it."
     try: return __import__(module)
@@ -410,7 +436,7 @@ def example_input(size: int = 256, image: str | Path | None = None) -> torch.Ten
         img = torchvision.transforms.functional.pil_to_tensor(Image.open(image).convert('RGB').resize((size, size))) / 255
     return ((img - mean) / std)[None]
 
-# %% ../nbs/03_models.ipynb #801f2f15
+# %% ../nbs/03_models.ipynb #53a1778e
 def export_model(model: nn.Module, fmt: str, # 'onnx' or 'torchscript'
                  out: str | Path, example: torch.Tensor) -> Path:
     "Export the folded model to ONNX or TorchScript, atomically."
@@ -437,7 +463,7 @@ def run_exported(path: str | Path, fmt: str, x: torch.Tensor) -> torch.Tensor:
     sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     return torch.from_numpy(sess.run(None, {'image': x.numpy()})[0])
 
-# %% ../nbs/03_models.ipynb #195a5e52
+# %% ../nbs/03_models.ipynb #9d358d2c
 def export_checkpoint(weights: str | Path, fmt: str, out: str | Path, size: int = 256,
                       image: str | Path | None = None) -> float:
     "Export a checkpoint's model; returns the max abs difference to eager PyTorch (relative when logits exceed 1)."

@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 from skinkd.config import ModelConfig
-from skinkd.models import (CheckpointError, DeepLabV3Plus, PretrainedError, ResNetBackbone, build_model, count_macs,
+from skinkd.models import (AtrousConv2d, CheckpointError, DeepLabV3Plus, PretrainedError, ResNetBackbone, build_model, count_macs,
                            count_params, export_model, fold_batchnorm, load_checkpoint, load_model, load_weights,
                            prepare_for_inference, run_exported, save_checkpoint, example_input, IMAGENET_WEIGHTS)
 
@@ -316,3 +316,30 @@ def test_initial_logits_are_small():
     m = DeepLabV3Plus('resnet18').train()
     z = m(torch.randn(2, 3, 64, 64))
     assert z.abs().mean() < 1.0
+
+
+def full_kernel_copy(model):
+    "A copy of `model` whose atrous convolutions are plain nn.Conv2d with the same weights (all nine taps computed)."
+    model = __import__('copy').deepcopy(model)
+    for conv in [m for m in model.modules() if isinstance(m, AtrousConv2d)]:
+        conv.__class__ = nn.Conv2d
+    return model
+
+
+@pytest.mark.parametrize('separable', [False, True])
+def test_atrous_rates_beyond_the_map_skip_only_padding(separable):
+    "At 256 px and OS 16 the map is 16x16: the rate-18 branch computes its centre tap only, with the same output and gradients."
+    torch.manual_seed(0)
+    ours = DeepLabV3Plus('resnet18', aspp_separable=separable, dropout=0.0).train()  # BatchNorm in training mode, no dropout noise
+    full = full_kernel_copy(ours)
+    x = torch.randn(2, 3, 256, 256)
+    out, ref = ours(x), full(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    out.square().mean().backward(); ref.square().mean().backward()
+    for (name, a), b in zip(ours.named_parameters(), full.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=name)
+    rate18 = ours.aspp.branches[3][0]
+    assert rate18.dilation == (18, 18) and rate18.weight.grad[:, :, 0].abs().max() == 0  # outer taps only see padding
+    cin, cout = rate18.in_channels, rate18.out_channels // rate18.groups  # MACs: 8 of 9 taps skipped on a 16x16 map
+    assert count_macs(full.eval(), 256) - count_macs(ours.eval(), 256) == 8 * cin * cout * 16 * 16
+    assert count_macs(full.eval(), 320) == count_macs(ours.eval(), 320)  # a 20x20 map: every rate fits, nothing skipped
