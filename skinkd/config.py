@@ -23,8 +23,8 @@ import yaml
 __all__ = ['LAYOUTS', 'BACKBONES', 'TAPS', 'KD_KINDS', 'PATH_KEYS', 'SMOKE_OVERRIDES', 'SkinkdError', 'ConfigError', 'opt',
            'DataConfig', 'AugmentConfig', 'ModelConfig', 'TrainConfig', 'DistillTerm', 'DistillConfig', 'EvalConfig',
            'OutputConfig', 'Config', 'from_dict', 'parse_override', 'read_yaml', 'load_config', 'resolve_paths',
-           'atomic_write', 'config_to_yaml', 'save_config', 'add_config_args', 'config_from_args', 'cli_main',
-           'is_smoke', 'notebook_config', 'describe']
+           'atomic_write', 'unique_names', 'config_to_yaml', 'save_config', 'add_config_args', 'config_from_args',
+           'cli_main', 'is_smoke', 'notebook_config', 'describe']
 
 # %% ../nbs/00_config.ipynb #17e1d70b
 class SkinkdError(Exception):
@@ -353,7 +353,16 @@ def atomic_write(path: str | Path, # the file to (re)write
         Path(tmp).unlink(missing_ok=True); raise
     return path
 
-# %% ../nbs/00_config.ipynb #1c27912c
+# %% ../nbs/00_config.ipynb #eb0ea797
+def unique_names(names: list[str]) -> list[str]:
+    "`names` with repeats numbered: ['raw', 'raw'] -> ['raw', 'raw_2']."
+    seen, out = {}, []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f'{n}_{seen[n]}')
+    return out
+
+# %% ../nbs/00_config.ipynb #05a3ef9f
 def config_to_yaml(cfg: Config) -> str:
     "The config as YAML text, sections in schema order."
     return yaml.safe_dump(asdict(cfg), sort_keys=False, default_flow_style=False)
@@ -362,7 +371,7 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     "Write the resolved config (atomically) so that `load_config(path) == cfg`."
     return atomic_write(path, lambda f: f.write(config_to_yaml(cfg).encode('utf-8')))
 
-# %% ../nbs/00_config.ipynb #f7de7420
+# %% ../nbs/00_config.ipynb #745fd1af
 def add_config_args(parser: argparse.ArgumentParser, default_config: str | None = None) -> argparse.ArgumentParser:
     "Add the shared `--config`, `--set` and `--out` options to `parser`."
     parser.add_argument('--config', default=default_config, help='YAML config file (see configs/)')
@@ -377,7 +386,7 @@ def config_from_args(args: argparse.Namespace, extra: Mapping[str, Any] | None =
     if args.out: params['output.run_dir'] = args.out
     return resolve_paths(load_config(args.config, args.overrides, params))
 
-# %% ../nbs/00_config.ipynb #60958581
+# %% ../nbs/00_config.ipynb #5d214f6b
 def cli_main(fn):
     "Decorate a CLI entry point: a `SkinkdError` prints one line and exits with status 1."
     @functools.wraps(fn)
@@ -388,7 +397,7 @@ def cli_main(fn):
             sys.exit(1)
     return wrapper
 
-# %% ../nbs/00_config.ipynb #72d7c71a
+# %% ../nbs/00_config.ipynb #114487af
 SMOKE_OVERRIDES = ['data.root=data/synthetic-smoke', 'data.synthetic_n=40', 'data.image_size=64', 'data.num_workers=0',
                    'teacher.backbone=resnet34', 'teacher.pretrained=null', 'student.pretrained=null',
                    'train.epochs=2', 'train.batch_size=4', 'train.warmup_epochs=0', 'eval.batch_size=8']
@@ -412,7 +421,7 @@ def notebook_config(config_path: str | None, # YAML config
     extra = SMOKE_OVERRIDES if is_smoke(preset) else []
     return resolve_paths(load_config(config_path, [*extra, *overrides], params), project_root)
 
-# %% ../nbs/00_config.ipynb #7f486212
+# %% ../nbs/00_config.ipynb #dfef9ad9
 def describe(cls=Config, path: str = '') -> list[tuple[str, Any, str]]:
     "Rows of (dotted key, default, help) for every config key."
     rows = []
