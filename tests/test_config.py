@@ -1,12 +1,15 @@
 """Behaviour of skinkd.config: strict validation, layered precedence, YAML round trip, CLI plumbing."""
+import multiprocessing
 import subprocess
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from dataclasses import asdict
 
 import pytest
 import yaml
 
-from skinkd.config import (Config, ConfigError, describe, load_config, parse_override, resolve_paths,
+from skinkd.config import (Config, ConfigError, describe, scratch_dir, load_config, parse_override, resolve_paths,
                            save_config)
 
 from conftest import REPO
@@ -122,3 +125,21 @@ def test_cli_helpers_report_config_errors_in_one_line(tmp_path):
     bad = subprocess.run([sys.executable, script, '--set', 'train.epoch=4'], capture_output=True, text=True)
     assert bad.returncode == 1 and 'Traceback' not in bad.stderr
     assert bad.stderr.strip() == "tool.py: error: --set train.epoch: unknown config key 'train.epoch': did you mean 'epochs'?"
+
+
+def _make_scratch(prefix):
+    "Create a scratch folder with a file in it; return its path (run in a worker process)."
+    path = scratch_dir(prefix)
+    (path / 'checkpoint.pt').write_bytes(b'x' * 1000)
+    return str(path)
+
+
+def test_scratch_dir_is_deleted_when_a_process_or_a_worker_exits():
+    "Notebook examples and smoke runs must not leave checkpoints behind: nbdev_test runs them in pool workers."
+    code = "from skinkd.config import scratch_dir; p = scratch_dir(); (p / 'f').write_text('x'); print(p)"
+    path = Path(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.strip())
+    assert path.name.startswith('skinkd-') and not path.exists()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('fork')) as pool:
+        path = Path(pool.submit(_make_scratch, 'skinkd-worker-').result())
+        assert (path / 'checkpoint.pt').exists()  # alive while the worker lives
+    assert not path.exists()
