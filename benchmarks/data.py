@@ -7,7 +7,6 @@ import os
 for _v in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'): os.environ.setdefault(_v, '1')  # one core
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from skinkd.config import scratch_dir
 from skinkd.data import _draw_synth, build_cache, discover, load_pair, make_synthetic, prepare_pair
 
 
@@ -62,7 +62,7 @@ def main():
     p.add_argument('--real-n', type=int, default=300)
     a = p.parse_args()
     torch.set_num_threads(1)
-    work = Path(tempfile.mkdtemp(prefix='skinkd_bench_'))
+    work = scratch_dir('skinkd_bench_')  # deleted when the benchmark exits
     draw, write = synthetic_rates(a.n, a.size, work)
     print(f'synthetic, {a.size} px, pinned to one CPU: {draw:.0f} images/s drawn, {write:.0f} images/s drawn and written (JPEG + PNG)')
     report(f'synthetic {a.size} px', a.n, *epoch_ratio(discover(work / 'synthetic'), a.size, work / 'cache'))
