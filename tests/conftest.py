@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'
@@ -13,3 +14,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f'real data not found at {SHARED_DATA} (only present on development and CI machines)')
     return SHARED_DATA
+
+
+def with_trained_like_batchnorm(model: nn.Module) -> nn.Module:
+    """`model` with non-trivial BatchNorm statistics and affine weights, as after training (in place)."""
+    for mod in model.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5); mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.5, 1.5); mod.bias.data.uniform_(-0.2, 0.2)
+    return model

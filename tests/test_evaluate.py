@@ -16,6 +16,8 @@ from skinkd.evaluate import (EvaluationError, evaluate_checkpoint, evaluate_chec
 from skinkd.models import DeepLabV3Plus, save_checkpoint
 from skinkd.viewer import MaskViewer, load_predictions
 
+from conftest import with_trained_like_batchnorm
+
 SIZE = 32
 MEAN, STD = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
 
@@ -49,9 +51,7 @@ def test_predict_and_tta_shapes(setup):
 def trained_like_checkpoint(path, cache):
     "A student checkpoint with trained-like BatchNorm statistics and a confident head that splits `cache` into lesion and skin."
     torch.manual_seed(1)
-    model = DeepLabV3Plus('resnet18')
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d): m.running_mean.uniform_(-0.5, 0.5); m.running_var.uniform_(0.5, 2.0)
+    model = with_trained_like_batchnorm(DeepLabV3Plus('resnet18'))
     torch.nn.init.normal_(model.classifier.weight, std=1.0)
     x = (torch.from_numpy(np.array(cache.images)).permute(0, 3, 1, 2) / 255 - MEAN) / STD
     with torch.no_grad(): model.classifier.bias -= model.eval()(x).median()

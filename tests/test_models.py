@@ -1,4 +1,5 @@
 "Tests of skinkd.models: shapes, taps, sizes, pretrained weights, checkpoints, BatchNorm folding, export, CLI."
+import copy
 import os
 import socket
 import subprocess
@@ -15,6 +16,8 @@ from skinkd.config import ModelConfig
 from skinkd.models import (AtrousConv2d, CheckpointError, DeepLabV3Plus, PretrainedError, ResNetBackbone, build_model, count_macs,
                            count_params, export_model, fold_batchnorm, load_checkpoint, load_model, load_weights,
                            prepare_for_inference, run_exported, save_checkpoint, example_input, IMAGENET_WEIGHTS)
+
+from conftest import with_trained_like_batchnorm
 
 H, W = 65, 67  # odd and non-square
 
@@ -236,12 +239,7 @@ def test_wrong_architecture(tmp_path, student_ckpt):
 @pytest.fixture(scope='module')
 def trained_like():
     torch.manual_seed(2)
-    m = DeepLabV3Plus('resnet18').eval()
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.5, 0.5); mod.running_var.uniform_(0.5, 2.0)
-            mod.weight.data.uniform_(0.5, 1.5); mod.bias.data.uniform_(-0.2, 0.2)
-    return m
+    return with_trained_like_batchnorm(DeepLabV3Plus('resnet18').eval())
 
 
 def test_fold_batchnorm_equal(trained_like, x):
@@ -320,7 +318,7 @@ def test_initial_logits_are_small():
 
 def full_kernel_copy(model):
     "A copy of `model` whose atrous convolutions are plain nn.Conv2d with the same weights (all nine taps computed)."
-    model = __import__('copy').deepcopy(model)
+    model = copy.deepcopy(model)
     for conv in [m for m in model.modules() if isinstance(m, AtrousConv2d)]:
         conv.__class__ = nn.Conv2d
     return model
