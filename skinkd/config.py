@@ -15,16 +15,18 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, make_dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 # %% auto #0
-__all__ = ['LAYOUTS', 'BACKBONES', 'TAPS', 'KD_KINDS', 'PATH_KEYS', 'SMOKE_OVERRIDES', 'SkinkdError', 'ConfigError', 'opt',
-           'DataConfig', 'AugmentConfig', 'ModelConfig', 'TrainConfig', 'DistillTerm', 'DistillConfig', 'EvalConfig',
-           'OutputConfig', 'Config', 'from_dict', 'parse_override', 'read_yaml', 'load_config', 'scratch_dir',
+__all__ = ['LAYOUTS', 'BACKBONES', 'TAPS', 'KD_KINDS', 'TEACHER_KEYS', 'TeacherRecipe', 'STAGES', 'NOT_RECIPE', 'PATH_KEYS',
+           'SMOKE_OVERRIDES', 'SkinkdError', 'ConfigError', 'opt', 'DataConfig', 'AugmentConfig', 'ModelConfig',
+           'Recipe', 'overrides_of', 'TrainConfig', 'DistillTerm', 'DistillConfig', 'EvalConfig', 'OutputConfig',
+           'Config', 'from_dict', 'parse_override', 'read_yaml', 'load_config', 'scratch_dir', 'teacher_overrides',
+           'stage_recipe', 'recipe_source', 'flat_config', 'differences', 'student_recipe', 'recipe_differences',
            'resolve_paths', 'atomic_write', 'unique_names', 'config_to_yaml', 'save_config', 'add_config_args',
            'config_from_args', 'cli_main', 'is_smoke', 'notebook_config', 'describe']
 
@@ -105,8 +107,8 @@ class ModelConfig:
     dropout: float = opt(0.5, 'dropout after the ASPP projection', lo=0.0, hi=1.0)
 
 @dataclass
-class TrainConfig:
-    "The optimisation recipe, shared by the teacher, the raw student and distillation."
+class Recipe:
+    "The optimisation recipe: how one model is trained."
     epochs: int = opt(30, 'training epochs', lo=1)
     batch_size: int = opt(8, 'images per step and process', lo=1)
     accumulate: int = opt(1, 'gradient accumulation steps', lo=1)
@@ -131,6 +133,31 @@ class TrainConfig:
     dice_weight: float = opt(1.0, 'weight of the Dice term', lo=0.0)
     limit_train_batches: Optional[int] = opt(None, 'cap on batches per epoch (null: all)', lo=1)
 
+# %% ../nbs/00_config.ipynb #cec86452
+TEACHER_KEYS = ('epochs', 'batch_size', 'accumulate', 'optimizer', 'lr', 'momentum', 'weight_decay', 'schedule',
+                'poly_power', 'warmup_epochs', 'early_stopping')
+
+def overrides_of(cls, keys: tuple[str, ...], # dataclass to override, and which of its fields
+                 name: str, # name of the new dataclass
+                 who: str, # who the overrides are for, in the help texts
+                ):
+    "A dataclass of optional overrides of `keys` of `cls`: same types, bounds and help; null means 'as in cls'."
+    hints, out = get_type_hints(cls), []
+    for f in (f for f in fields(cls) if f.name in keys):
+        md = {k: v for k, v in f.metadata.items() if k != 'help'}
+        out.append((f.name, Optional[hints[f.name]], opt(None, f"{who}: {f.metadata['help']} (null: as train.{f.name})", **md)))
+    return make_dataclass(name, out, namespace={'__doc__': f'Overrides of the shared recipe for the {who}.', '__module__': __name__})
+
+TeacherRecipe = overrides_of(Recipe, TEACHER_KEYS, 'TeacherRecipe', 'teacher')
+
+@dataclass
+class TrainConfig(Recipe):
+    "The shared recipe of the students (raw and distilled) and the teacher, plus the teacher's own overrides."
+    teacher: TeacherRecipe = opt(TeacherRecipe(), "the teacher's recipe where it differs from the shared one")
+    refused: ClassVar[dict] = {k: "the raw and distilled students always share the train section, so that comparing them "
+                                  "is fair; only the teacher has overrides (train.teacher)" for k in ('student', 'raw', 'distill')}
+
+# %% ../nbs/00_config.ipynb #b6699caa
 @dataclass
 class DistillTerm:
     "One distillation term between a student tap and the same teacher tap."
@@ -239,6 +266,8 @@ def from_dict(cls, data: Any, # YAML data for the dataclass `cls`
         raise ConfigError(f"config {'section ' + repr(path) if path else 'file'} must be a mapping of keys to values, got {type(data).__name__}")
     hints, names = get_type_hints(cls), [f.name for f in fields(cls)]
     for key in data:
+        if key in getattr(cls, 'refused', {}):
+            raise ConfigError(f"config key '{_join(path, str(key))}' does not exist: {cls.refused[key]}")
         if key not in names:
             raise ConfigError(f"unknown config key '{_join(path, str(key))}': {_suggest(str(key), names)}")
     kwargs = {}
@@ -333,6 +362,52 @@ def scratch_dir(prefix: str = 'skinkd-') -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix))
     multiprocessing.util.Finalize(None, shutil.rmtree, args=(str(path), True), exitpriority=0)
     return path
+
+# %% ../nbs/00_config.ipynb #6273a858
+STAGES = ('teacher', 'raw', 'distill')
+
+def teacher_overrides(train: TrainConfig) -> dict:
+    "The teacher's overrides that are set, as {key: value}."
+    return {k: v for k, v in asdict(train.teacher).items() if v is not None}
+
+def stage_recipe(train: TrainConfig, # the config's `train` section
+                 stage: str, # 'teacher', 'raw' or 'distill' (a role, 'student', works too)
+                ) -> TrainConfig:
+    "The recipe `stage` trains with: the shared one, with the teacher's overrides for the teacher."
+    if stage not in (*STAGES, 'student'): raise ConfigError(f"stage is {stage!r}; allowed: {', '.join(STAGES)}")
+    if stage != 'teacher': return train
+    return replace(train, **teacher_overrides(train), teacher=TeacherRecipe())
+
+def recipe_source(train: TrainConfig, key: str, stage: str) -> str:
+    "The config key that sets `key` of `stage`'s recipe: 'train.teacher.epochs' when overridden, else 'train.epochs'."
+    return f'train.teacher.{key}' if stage == 'teacher' and getattr(train.teacher, key, None) is not None else f'train.{key}'
+
+# %% ../nbs/00_config.ipynb #a2cf1709
+NOT_RECIPE = ('data.cache_dir', 'data.num_workers', 'train.resume', 'train.teacher')
+
+def flat_config(cfg: Config, # the config
+                sections: tuple[str, ...] | None = None, # which sections (default: all)
+                skip: tuple[str, ...] = NOT_RECIPE, # dotted keys (or whole sub-sections) to leave out
+               ) -> dict:
+    "The config as {dotted key: value}."
+    def walk(d: Mapping, prefix: str) -> dict:
+        out = {}
+        for k, v in d.items():
+            if (key := _join(prefix, k)) not in skip: out |= walk(v, key) if isinstance(v, Mapping) else {key: v}
+        return out
+    return walk({k: v for k, v in asdict(cfg).items() if sections is None or k in sections}, '')
+
+def differences(a: dict, b: dict) -> list[str]:
+    "The keys in which two flat configs differ, each with both values."
+    return [f'{k} ({a.get(k)!r} vs {b.get(k)!r})' for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+def student_recipe(cfg: Config) -> dict:
+    "Everything that decides how a student trains, as {dotted key: value}."
+    return flat_config(cfg, ('data', 'augment', 'student', 'train')) | {'eval.threshold': cfg.eval.threshold}
+
+def recipe_differences(a: Config, b: Config) -> list[str]:
+    "The keys in which `a` and `b` would train a student differently, each with both values."
+    return differences(student_recipe(a), student_recipe(b))
 
 # %% ../nbs/00_config.ipynb #f5a9ff21
 PATH_KEYS = ('data.root', 'data.split_file', 'data.groups_file', 'data.cache_dir', 'output.run_dir',
@@ -431,11 +506,13 @@ def notebook_config(config_path: str | None, # YAML config
     return resolve_paths(load_config(config_path, [*extra, *overrides], params), project_root)
 
 # %% ../nbs/00_config.ipynb #3ec3c5ab
-def describe(cls=Config, path: str = '') -> list[tuple[str, Any, str]]:
+def describe(obj=None, # a config or one of its sections (default: `Config()`)
+             path: str = '', # dotted prefix of `obj`'s keys
+            ) -> list[tuple[str, Any, str]]:
     "Rows of (dotted key, default, help) for every config key."
-    rows = []
-    for f in fields(cls):
-        default = f.default_factory() if f.default is MISSING else f.default
-        if is_dataclass(default): rows += describe(type(default), _join(path, f.name))
-        else: rows.append((_join(path, f.name), default, f.metadata.get('help', '')))
+    obj, rows = Config() if obj is None else obj, []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value): rows += describe(value, _join(path, f.name))
+        else: rows.append((_join(path, f.name), value, f.metadata.get('help', '')))
     return rows

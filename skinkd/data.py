@@ -810,7 +810,9 @@ def prepare_root(cfg: Config) -> Path:
         raise DataError(f'data folder {root} not found; set data.root, set data.synthetic_n > 0, or run skinkd_synth --out {root}')
     return root
 
-def get_data(cfg: Config) -> DataBundle:
+def get_data(cfg: Config, # the resolved config
+             batch_size: int | None = None, # training batch size (default: train.batch_size; the teacher may override it)
+            ) -> DataBundle:
     "Check, split, cache and load the data described by `cfg` (paths resolved)."
     d, root = cfg.data, prepare_root(cfg)
     report = check_data(root, d.layout, d.cache_dir)
@@ -818,7 +820,7 @@ def get_data(cfg: Config) -> DataBundle:
                            d.split_file, d.groups_file, report.duplicates)
     caches = {k: build_cache(v, d.cache_dir, d.image_size, cfg.augment.mirror_pad, d.mask_resize) for k, v in splits.items() if v}
     datasets = {k: SegDataset(c, build_transforms(cfg.augment, k == 'train', d.image_size)) for k, c in caches.items()}
-    bs = {'train': cfg.train.batch_size}
+    bs = {'train': batch_size or cfg.train.batch_size}
     loaders = {k: build_loader(ds, bs.get(k, cfg.eval.batch_size), shuffle=k == 'train', num_workers=d.num_workers,
                                seed=cfg.train.seed, drop_last=k == 'train') for k, ds in datasets.items()}
     return DataBundle(report, splits, caches, datasets, loaders)

@@ -13,13 +13,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import Config, ModelConfig, SkinkdError, add_config_args, cli_main, config_from_args
+import numpy as np
+
+from .config import (Config, DistillTerm, ModelConfig, SkinkdError, add_config_args, cli_main, config_from_args,
+                           load_config, recipe_differences)
 from .learner import Learner, SegTask, default_device, is_main, train_model
-from .losses import DistillationLoss, seg_loss_from_config
+from .losses import DistillationLoss, seg_loss_from_config, term_names
 from .models import load_model, prepare_for_inference
 
 # %% auto #0
-__all__ = ['freeze', 'load_teacher', 'DistillTask', 'student_task', 'train_student', 'test_student', 'run_mode', 'main']
+__all__ = ['freeze', 'load_teacher', 'DistillTask', 'student_task', 'check_baseline', 'train_student', 'test_student', 'run_mode',
+           'soft_maps', 'soft_map_figure', 'term_contributions', 'term_curves_figure', 'main']
 
 # %% ../nbs/08_distill.ipynb #ff5c6ceb
 def freeze(model: nn.Module, channels_last: bool = True) -> nn.Module:
@@ -69,8 +73,25 @@ def student_task(cfg: Config, mode: str, teacher: nn.Module | None):
         return DistillTask(seg, kd, teacher, [t.tap for t in cfg.distill.terms]), kd
     return make
 
-def train_student(cfg: Config, mode: str = 'distill', teacher_weights: str | Path | None = None) -> Learner:
+def check_baseline(cfg: Config, # the config this student would train under
+                   baseline: str | Path, # the other student's run folder (or its config.yaml)
+                  ) -> Path:
+    "Refuse to train a student under another recipe than the student it will be compared with."
+    path = Path(baseline) / 'config.yaml' if Path(baseline).is_dir() else Path(baseline)
+    if not path.is_file():
+        raise SkinkdError(f"--baseline {baseline}: no config.yaml there; pass the raw student's run folder")
+    if diffs := recipe_differences(cfg, load_config(path)):
+        raise SkinkdError(f"the raw and distilled students must train under one recipe, but this run and {path} differ in "
+                          f"{'; '.join(diffs)}; use the same config and --set overrides for both (only train.teacher may differ)")
+    return path
+
+def train_student(cfg: Config, # the resolved config
+                  mode: str = 'distill', # 'distill' (with the teacher) or 'raw' (without)
+                  teacher_weights: str | Path | None = None, # the teacher checkpoint ('distill')
+                  baseline: str | Path | None = None, # the other student's run folder: refuse a different recipe
+                 ) -> Learner:
     "Train the student with ('distill') or without ('raw') the teacher."
+    if baseline: check_baseline(cfg, baseline)
     if mode == 'distill' and not cfg.distill.terms:
         raise SkinkdError('distill.terms is empty, so there is nothing to distil; add terms or use --mode raw')
     teacher = load_teacher(teacher_weights, cfg.student, cfg.train.channels_last) if mode == 'distill' else None
@@ -94,12 +115,68 @@ def test_student(cfg: Config, student_weights: str | Path | None = None) -> dict
     write_json(out / 'metrics.json', summary); write_per_image_csv(out / 'per_image.csv', list(cache.ids), [r])
     return summary
 
-def run_mode(cfg: Config, mode: str, teacher_weights: str | None = None, student_weights: str | None = None) -> dict:
+def run_mode(cfg: Config, mode: str, teacher_weights: str | None = None, student_weights: str | None = None,
+             baseline: str | None = None) -> dict:
     "Run one of the modes 'distill', 'raw', 'test'; return its summary."
     if mode not in ('distill', 'raw', 'test'): raise SkinkdError(f"mode is {mode!r}; allowed: distill, raw, test")
     if mode == 'test': return test_student(cfg, student_weights)
-    learner = train_student(cfg, mode, teacher_weights)
+    learner = train_student(cfg, mode, teacher_weights, baseline)
     return {'mode': mode, 'run_dir': cfg.output.run_dir, 'best_val_dice': round(learner.best, 4), 'epochs': learner.epoch}
+
+# %% ../nbs/08_distill.ipynb #216e1fe3
+@torch.no_grad()
+def soft_maps(models: dict[str, nn.Module], # name -> segmentation model returning (N,1,S,S) logits
+              images: torch.Tensor, # (N,3,S,S) normalised images
+             ) -> dict[str, np.ndarray]:
+    "Each model's lesion probability at every pixel, as (N,S,S) float arrays."
+    return {name: torch.sigmoid(m.eval()(images)[:, 0].float()).cpu().numpy() for name, m in models.items()}
+
+def _dice(prob: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> float:
+    "Dice of a thresholded probability map (1.0 when both are empty)."
+    p, t = prob > threshold, truth > 0
+    return 1.0 if not (p.any() or t.any()) else float(2 * (p & t).sum() / (p.sum() + t.sum()))
+
+# %% ../nbs/08_distill.ipynb #1f8924cf
+def soft_map_figure(images: np.ndarray, # (N,S,S,3) uint8 or float images in [0,1]
+                    truth: np.ndarray, # (N,S,S) ground-truth masks
+                    maps: dict[str, np.ndarray], # model name -> (N,S,S) probabilities (see `soft_maps`)
+                    ids: list[str] | None = None, # image ids for the row labels
+                   ):
+    "One row per image: the image with its true outline, then each model's probability map on one colour scale."
+    import matplotlib.pyplot as plt
+    n, names = len(images), list(maps)
+    fig, axes = plt.subplots(n, len(names) + 1, figsize=(2.3 * (len(names) + 1) + 0.8, 2.3 * n), squeeze=False)
+    for i in range(n):
+        axes[i, 0].imshow(images[i]); axes[i, 0].contour(truth[i] > 0, levels=[0.5], colors='lime', linewidths=1)
+        axes[i, 0].set_ylabel(ids[i] if ids else f'image {i}', fontsize=8)
+        for j, name in enumerate(names, 1):
+            im = axes[i, j].imshow(maps[name][i], vmin=0, vmax=1, cmap='magma')
+            axes[i, j].contour(truth[i] > 0, levels=[0.5], colors='lime', linewidths=0.6)
+            axes[i, j].set_xlabel(f'Dice {_dice(maps[name][i], truth[i]):.3f}', fontsize=8)
+    for j, title in enumerate(['image, true outline (green)'] + [f'{k}: P(lesion)' for k in names]): axes[0, j].set_title(title, fontsize=9)
+    for ax in axes.flat: ax.set_xticks([]); ax.set_yticks([])
+    fig.colorbar(im, ax=axes, fraction=0.03, pad=0.02, label='P(lesion)')
+    return fig
+
+# %% ../nbs/08_distill.ipynb #b75e7106
+def term_contributions(history: list[dict], # the per-epoch rows of a run (`metrics.csv`)
+                       terms: list[DistillTerm], # the run's `distill.terms` (gives each term's weight)
+                      ) -> dict[str, list[float]]:
+    "Per epoch, what the segmentation loss and each KD term (times its weight) add to the training loss."
+    out = {'seg': [r['train_seg'] for r in history]}
+    for name, t in zip(term_names(terms), terms):
+        if f'train_{name}' in history[0]: out[f'{t.weight:g} × {name}'] = [t.weight * r[f'train_{name}'] for r in history]
+    return out
+
+def term_curves_figure(history: list[dict], terms: list[DistillTerm], title: str = 'distilled student'):
+    "The training loss split into its weighted terms, per epoch (log scale)."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.4)); ep = [r['epoch'] for r in history]
+    ax.plot(ep, [r['train_loss'] for r in history], 'k--', lw=1, label='total')
+    for name, values in term_contributions(history, terms).items(): ax.plot(ep, values, marker='o', ms=3, label=name)
+    ax.set(xlabel='epoch', ylabel='contribution to the training loss', yscale='log', title=f'{title}: loss terms, weights applied')
+    ax.legend(fontsize=8); ax.grid(alpha=0.3, which='both'); fig.tight_layout()
+    return fig
 
 # %% ../nbs/08_distill.ipynb #4fe164ce
 @cli_main
@@ -109,9 +186,10 @@ def main(argv: list[str] | None = None):
     parser.add_argument('--mode', choices=['distill', 'raw', 'test'], required=True, help='what to run')
     parser.add_argument('--teacher_weights', help='teacher checkpoint (required by --mode distill)')
     parser.add_argument('--student_weights', help="student checkpoint for --mode test (default: RUN/checkpoints/best.pt)")
+    parser.add_argument('--baseline', help="the raw student's run folder: refuse to train under a different recipe")
     add_config_args(parser)
     args = parser.parse_args(argv)
-    result = run_mode(config_from_args(args), args.mode, args.teacher_weights, args.student_weights)
+    result = run_mode(config_from_args(args), args.mode, args.teacher_weights, args.student_weights, args.baseline)
     if is_main(): print(json.dumps(result))
 
 if __name__ == '__main__' and '__file__' in globals(): main()  # python -m skinkd.distill, not this notebook

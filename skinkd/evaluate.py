@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +28,12 @@ from .models import compile_for_inference, count_macs, count_params, load_model,
 from .viewer import overlay, save_predictions, side_by_side
 
 # %% auto #0
-__all__ = ['MODE_NAMES', 'TABLE_METRICS', 'EvaluationError', 'predict', 'score_model', 'binary_masks', 'cpu_latency',
-           'model_name', 'ModelResult', 'evaluate_checkpoint', 'bootstrap_ci', 'wilcoxon_p', 'paired_comparison',
-           'results_table', 'ratio_table', 'paired_table', 'box_plots', 'worst_gallery', 'Evaluation',
-           'write_per_image_csv', 'write_json', 'report_markdown', 'evaluate_checkpoints', 'viewer_metrics',
-           'split_cache', 'evaluate_from_config', 'main']
+__all__ = ['MODE_NAMES', 'VERDICT_HEADS', 'TABLE_METRICS', 'EvaluationError', 'predict', 'score_model', 'binary_masks',
+           'cpu_latency', 'model_name', 'ModelResult', 'evaluate_checkpoint', 'bootstrap_ci', 'wilcoxon_p',
+           'paired_comparison', 'Verdict', 'dice_verdict', 'md_table', 'results_table', 'ratio_table', 'paired_table',
+           'box_plots', 'worst_gallery', 'Evaluation', 'pair_verdict', 'write_per_image_csv', 'write_json',
+           'report_markdown', 'evaluate_checkpoints', 'viewer_metrics', 'verdict_dict', 'split_cache',
+           'evaluate_from_config', 'main']
 
 # %% ../nbs/09_evaluate.ipynb #a6f85d00
 class EvaluationError(SkinkdError, ValueError):
@@ -128,6 +129,7 @@ class ModelResult:
     macs: int
     latency_s: float
     masks: np.ndarray = field(repr=False)  # (N,S,S) uint8 working-size predictions
+    val_dice: float = math.nan  # the best validation Dice recorded in the checkpoint
 
 def evaluate_checkpoint(path, cache, indices, name: str | None = None, threshold: float = 0.5, tta: bool = False,
                         batch_size: int = 8, original_resolution: bool = True, normalize: bool = True,
@@ -140,18 +142,20 @@ def evaluate_checkpoint(path, cache, indices, name: str | None = None, threshold
     size = int(cache.images.shape[1])
     return ModelResult(name or model_name(ckpt, path), str(path), ckpt['role'], ckpt['model_config']['backbone'], per_image,
                        summarize({k: torch.from_numpy(v) for k, v in per_image.items()}), count_params(model),
-                       count_macs(model, size), cpu_latency(fast, size, latency_runs), binary_masks(probs, threshold))
+                       count_macs(model, size), cpu_latency(fast, size, latency_runs), binary_masks(probs, threshold),
+                       float((ckpt.get('metrics') or {}).get('dice', math.nan)))
 
 # %% ../nbs/09_evaluate.ipynb #441ce6b2
-def bootstrap_ci(d: np.ndarray, # paired differences
+def bootstrap_ci(d: np.ndarray, # paired differences, (images,) or (seeds, images)
                  n_boot: int = 2000, # bootstrap resamples
                  seed: int = 0, # random seed
                  level: float = 0.95, # confidence level
                 ) -> tuple[float, float]:
-    "Percentile bootstrap interval of the mean of `d`."
-    if len(d) == 0: return (math.nan, math.nan)
-    idx = np.random.default_rng(seed).integers(0, len(d), (n_boot, len(d)))
-    means = d[idx].mean(1)
+    "Percentile bootstrap interval of the mean of `d`, resampling images (all seeds of an image together)."
+    d = np.atleast_2d(d)
+    if d.shape[1] == 0: return (math.nan, math.nan)
+    idx = np.random.default_rng(seed).integers(0, d.shape[1], (n_boot, d.shape[1]))
+    means = d[:, idx].mean(axis=(0, 2))
     return tuple(float(q) for q in np.quantile(means, [(1 - level) / 2, (1 + level) / 2]))
 
 def wilcoxon_p(d: np.ndarray) -> float:
@@ -177,6 +181,52 @@ def paired_comparison(a: dict[str, np.ndarray], # per-image metrics of model A (
                       n=int(len(d)), n_better=int((d > 0).sum()), n_worse=int((d < 0).sum()))
     return out
 
+# %% ../nbs/09_evaluate.ipynb #87092047
+VERDICT_HEADS = {'helped': 'distillation helped', 'no effect': 'no detectable effect of distillation',
+                 'hurt': 'distillation hurt'}
+
+def _points(x: float) -> str: return f'{100 * x:+.1f}'
+
+@dataclass
+class Verdict:
+    "Did distillation help? Decided by the bootstrap CI of the pooled per-image Dice difference distilled − raw."
+    effect: str # 'helped', 'no effect' or 'hurt'
+    mean: float # mean Dice difference (0-1 scale)
+    ci: tuple[float, float] # its bootstrap 95% interval
+    p_wilcoxon: float # Wilcoxon signed-rank p of the per-image (seed-mean) differences
+    n_seeds: int # seeds pooled
+    n_images: int # paired images per seed
+    teacher_val: float | None = None # the teacher's best validation Dice
+    raw_val: float | None = None # the raw student's best validation Dice (mean over seeds)
+
+    @property
+    def teacher_weaker(self) -> bool:
+        "The teacher is not better than the raw student on validation."
+        return self.teacher_val is not None and self.raw_val is not None and self.teacher_val <= self.raw_val
+
+    def line(self) -> str:
+        "The one-line verdict."
+        seeds = f"{self.n_seeds} seed{'s' * (self.n_seeds != 1)}, {self.n_seeds * self.n_images} paired images"
+        return f'{VERDICT_HEADS[self.effect]}: {_points(self.mean)} Dice points (95% CI {_points(self.ci[0])} to {_points(self.ci[1])}; {seeds})'
+
+    def lines(self) -> list[str]:
+        "The verdict, preceded by the weak-teacher warning when it applies."
+        if not self.teacher_weaker: return [self.line()]
+        return [f'the teacher is not better than the raw student on validation (Dice {self.teacher_val:.3f} vs {self.raw_val:.3f}), so no '
+                'distillation can be expected to help: train the teacher longer (train.teacher.epochs) or give it pretrained weights '
+                '(teacher.pretrained)', self.line()]
+
+def dice_verdict(diffs: np.ndarray, # per-image Dice distilled − raw: (images,) or (seeds, images)
+                 teacher_val: float | None = None, # the teacher's best validation Dice
+                 raw_val: float | None = None, # the raw student's best validation Dice
+                 n_boot: int = 2000, seed: int = 0) -> Verdict:
+    "The verdict of paired Dice differences: helped when the 95% CI lies above 0, hurt when below."
+    d = np.atleast_2d(np.asarray(diffs, float)); d = d[:, np.isfinite(d).all(0)]
+    lo, hi = bootstrap_ci(d, n_boot, seed)
+    effect = 'helped' if lo > 0 else 'hurt' if hi < 0 else 'no effect'
+    return Verdict(effect, float(d.mean()) if d.size else math.nan, (lo, hi), wilcoxon_p(d.mean(0)) if d.size else math.nan,
+                   d.shape[0], d.shape[1], teacher_val, raw_val)
+
 # %% ../nbs/09_evaluate.ipynb #c722347d
 TABLE_METRICS = METRICS + ('hd95',)
 
@@ -185,7 +235,7 @@ def _pm(s: dict, k: str, digits: int = 4) -> str:
     m, sd = s.get(k, math.nan), s.get(f'{k}_std', math.nan)
     return f'{m:.{digits}f} ± {sd:.{digits}f}' if math.isfinite(m) else '–'
 
-def _md_table(header: list[str], rows: list[list]) -> str:
+def md_table(header: list[str], rows: list[list]) -> str:
     "A GitHub markdown table."
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(['---'] * len(header)) + '|']
     return '\n'.join(lines + ['| ' + ' | '.join(str(c) for c in r) + ' |' for r in rows])
@@ -195,7 +245,7 @@ def results_table(results: list[ModelResult]) -> str:
     header = ['model', 'backbone', *TABLE_METRICS, 'failure rate', 'HD95 undefined', 'params (M)', 'MACs (G)', 'CPU ms/image']
     rows = [[r.name, r.backbone, *[_pm(r.summary, k, 2 if k == 'hd95' else 4) for k in TABLE_METRICS],
              f"{r.summary['failure_rate']:.3f}", r.summary.get('hd95_failures', 0), f'{r.params / 1e6:.2f}', f'{r.macs / 1e9:.2f}', f'{r.latency_s * 1e3:.1f}'] for r in results]
-    return _md_table(header, rows)
+    return md_table(header, rows)
 
 # %% ../nbs/09_evaluate.ipynb #d2e845b6
 def ratio_table(results: list[ModelResult]) -> str:
@@ -205,7 +255,7 @@ def ratio_table(results: list[ModelResult]) -> str:
     rows = [[f'{r.name} / {teacher.name}', f'{r.params / teacher.params:.3f}', f'{r.macs / teacher.macs:.3f}',
              f'{r.latency_s / teacher.latency_s:.3f}', f"{r.summary['dice'] / teacher.summary['dice']:.3f}"]
             for r in results if r is not teacher]
-    return _md_table(['ratio', 'params', 'MACs', 'CPU latency', 'Dice'], rows)
+    return md_table(['ratio', 'params', 'MACs', 'CPU latency', 'Dice'], rows)
 
 def _num(x: float, spec: str) -> str:
     "`x` formatted with `spec`, or '–' when it is undefined."
@@ -215,7 +265,7 @@ def paired_table(paired: dict[str, dict[str, float]]) -> str:
     "Markdown table of a paired comparison."
     rows = [[k, _num(v['mean_diff'], '+.4f'), f"[{_num(v['ci_low'], '+.4f')}, {_num(v['ci_high'], '+.4f')}]",
              _num(v['p_wilcoxon'], '.3g'), f"{v['n_better']} / {v['n_worse']} / {v['n']}"] for k, v in paired.items()]
-    return _md_table(['metric', 'mean difference', 'bootstrap 95% CI', 'Wilcoxon p', 'better / worse / images'], rows)
+    return md_table(['metric', 'mean difference', 'bootstrap 95% CI', 'Wilcoxon p', 'better / worse / images'], rows)
 
 # %% ../nbs/09_evaluate.ipynb #c4aad618
 def box_plots(results: list[ModelResult], path: str | Path, metrics=('dice', 'jaccard', 'hd95')) -> Path:
@@ -253,6 +303,7 @@ class Evaluation:
     ids: list[str]
     paired: dict | None
     files: dict[str, Path]
+    verdict: Verdict | None = None
 
     def result(self, name: str) -> ModelResult:
         "The result of model `name`."
@@ -262,6 +313,15 @@ def _pair(results: list[ModelResult]) -> tuple[ModelResult, ModelResult] | None:
     "The (distilled, raw) results, if both were evaluated."
     by = {r.name: r for r in results}
     return (by['distilled'], by['raw']) if 'distilled' in by and 'raw' in by else None
+
+def _finite(x: float) -> float | None: return x if math.isfinite(x) else None
+
+def pair_verdict(results: list[ModelResult]) -> Verdict | None:
+    "The single-seed verdict of an evaluation with a distilled and a raw student (and, for its precondition, a teacher)."
+    if not (pair := _pair(results)): return None
+    teacher = next((r for r in results if r.role == 'teacher'), None)
+    return dice_verdict(pair[0].per_image['dice'] - pair[1].per_image['dice'],
+                        _finite(teacher.val_dice) if teacher else None, _finite(pair[1].val_dice))
 
 # %% ../nbs/09_evaluate.ipynb #5f8704fa
 def write_per_image_csv(path: Path, ids: list[str], results: list[ModelResult]) -> Path:
@@ -286,7 +346,8 @@ def report_markdown(ev: Evaluation, title: str = 'Evaluation report', notes: str
     paired = (f'### Distilled vs raw student (paired, {n} images)\n\nDifferences are distilled − raw per image; for HD95 '
               f'lower is better, so a negative difference favours the distilled student.\n\n{paired_table(ev.paired)}'
               if ev.paired else '### Distilled vs raw student\n\n_needs a distilled and a raw checkpoint (extra.mode)_')
-    parts = [f'# {title}', notes, f'## Results ({n} images)\n\nMean ± standard deviation over images; failure rate: '
+    verdict = '\n'.join(f'**{line}**' if i == 0 else line for i, line in enumerate(ev.verdict.lines())) if ev.verdict else ''
+    parts = [f'# {title}', verdict, notes, f'## Results ({n} images)\n\nMean ± standard deviation over images; failure rate: '
              f'Jaccard < {JACCARD_THRESHOLD}. HD95 in pixels at the original resolution, undefined (left out) for empty masks.',
              results_table(ev.results), '\n'.join(f'- **{r.name}**: `{r.path}` ({r.role}, {r.backbone})' for r in ev.results),
              '### Student / teacher', ratio_table(ev.results), paired,
@@ -317,7 +378,7 @@ def evaluate_checkpoints(paths: list, # checkpoint files
     images, truth = np.asarray(cache.images), np.asarray(cache.masks)
     files = dict(report=out/'report.md', metrics=out/'metrics.json', per_image=out/'per_image.csv', boxplots=out/'boxplots.png',
                  gallery=out/'worst_cases.png', predictions=out/'predictions.npz')
-    ev = Evaluation(results, ids, paired_comparison(pair[0].per_image, pair[1].per_image) if pair else None, files)
+    ev = Evaluation(results, ids, paired_comparison(pair[0].per_image, pair[1].per_image) if pair else None, files, pair_verdict(results))
     _write_outputs(ev, images, truth, pair[0] if pair else results[-1], gallery_k, notes)
     return ev
 
@@ -327,12 +388,17 @@ def viewer_metrics(results: list[ModelResult]) -> dict[str, np.ndarray]:
     if (pair := _pair(results)): cols |= {f'distilled-raw/{k}': pair[0].per_image[k] - pair[1].per_image[k] for k in pair[0].per_image}
     return cols
 
+def verdict_dict(v: Verdict | None) -> dict | None:
+    "A verdict as JSON-ready data, with its lines."
+    return None if v is None else {**asdict(v), 'ci': list(v.ci), 'teacher_weaker': v.teacher_weaker, 'lines': v.lines()}
+
 def _write_outputs(ev: Evaluation, images, truth, focus: ModelResult, gallery_k: int, notes: str):
     "Write every file of `ev.files`."
     f, res = ev.files, ev.results
     write_per_image_csv(f['per_image'], ev.ids, res)
     write_json(f['metrics'], {'models': {r.name: {**r.summary, 'checkpoint': r.path, 'role': r.role, 'backbone': r.backbone,
-               'params': r.params, 'macs': r.macs, 'cpu_latency_s': r.latency_s} for r in res}, 'paired_distilled_vs_raw': ev.paired})
+               'params': r.params, 'macs': r.macs, 'cpu_latency_s': r.latency_s, 'best_val_dice': r.val_dice} for r in res},
+               'paired_distilled_vs_raw': ev.paired, 'verdict': verdict_dict(ev.verdict)})
     box_plots(res, f['boxplots'])
     grid, _ = worst_gallery(images, truth, res, focus, gallery_k)
     atomic_write(f['gallery'], lambda fh: Image.fromarray(grid).save(fh, format='PNG'))
@@ -378,4 +444,6 @@ def main(argv: list[str] | None = None):
     missing = [w for w in a.weights if not Path(w).is_file()]
     if missing: raise EvaluationError(f"checkpoint {missing[0]} not found; pass existing .pt files to --weights")
     ev = evaluate_from_config(cfg, a.weights, cfg.output.run_dir, a.split, a.latency_runs)
-    print(results_table(ev.results)); print(f"report: {ev.files['report']}")
+    print(results_table(ev.results))
+    if ev.verdict: print('\n'.join(ev.verdict.lines()))
+    print(f"report: {ev.files['report']}")

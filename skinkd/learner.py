@@ -25,7 +25,8 @@ from torch import nn
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 
-from .config import Config, ModelConfig, SkinkdError, TrainConfig, atomic_write, save_config
+from .config import (Config, ModelConfig, SkinkdError, TrainConfig, atomic_write, from_dict, recipe_source, save_config,
+                           stage_recipe, teacher_overrides)
 from .metrics import MetricAccumulator
 from .models import load_checkpoint, prepare_for_training, save_checkpoint, unwrap
 
@@ -166,10 +167,10 @@ def plot_history(history: list[dict], path: Path):
 
 # %% ../nbs/06_learner.ipynb #56ced769
 class Learner:
-    "Train `model` on `task` with the recipe in `cfg.train`, writing a run folder."
+    "Train `model` on `task` with its stage's recipe (`cfg.train`, teacher overrides applied), writing a run folder."
     def __init__(self, model: nn.Module, task, loaders: dict, cfg: Config, model_cfg: ModelConfig,
                  role: str, mode: str, extra_modules: nn.Module | None = None):
-        self.cfg, self.tc, self.task, self.loaders, self.model_cfg = cfg, cfg.train, task, loaders, model_cfg
+        self.cfg, self.tc, self.task, self.loaders, self.model_cfg = cfg, stage_recipe(cfg.train, mode), task, loaders, model_cfg
         self.role, self.mode, self.extra = role, mode, extra_modules
         self.run_dir, self.device = Path(cfg.output.run_dir), default_device()
         self.model = self._prepare(model)
@@ -179,8 +180,9 @@ class Learner:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.tc.amp == 'fp16' and self.device.type == 'cuda')
         self.epoch, self.history, self.best, self.bad_epochs = 0, [], -1.0, 0
         if self.batches_per_epoch == 0:
-            raise SkinkdError(f'the training split has fewer images per process than train.batch_size ({self.tc.batch_size}); '
-                              'lower train.batch_size or add data')
+            key = recipe_source(cfg.train, 'batch_size', mode)
+            raise SkinkdError(f'the training split has fewer images per process than {key} ({self.tc.batch_size}); '
+                              f'lower {key} or add data')
 
     @property
     def batches_per_epoch(self) -> int: return min(len(self.loaders['train']), self.tc.limit_train_batches or 10**12)
@@ -207,7 +209,10 @@ class Learner:
         elif self.epoch == 0 and (self.run_dir / 'checkpoints' / 'last.pt').exists():
             raise SkinkdError(f'{self.run_dir} already holds a run (checkpoints/last.pt); continue it with '
                               '--set train.resume=true, or choose another --out')
-        if is_main(): save_config(self.cfg, self.run_dir / 'config.yaml')
+        if is_main():
+            save_config(self.cfg, self.run_dir / 'config.yaml')
+            if self.mode == 'teacher' and (over := teacher_overrides(self.cfg.train)):
+                tqdm.write(f"teacher recipe: {', '.join(f'{k} {v}' for k, v in over.items())} (train.teacher); the rest as train")
         while self.epoch < self.tc.epochs and not self.stopped:
             start = time.time()
             train = self.train_epoch()
@@ -287,9 +292,10 @@ def save(self: Learner, name: str, metrics: dict) -> Path:
 
 def resume_conflicts(ck: dict, cfg: Config, model_cfg: ModelConfig) -> list[str]:
     "The settings a checkpoint cannot be resumed under: architecture, optimiser, precision, KD terms, batch geometry."
-    saved, now = ck['extra']['config'], asdict(cfg)
-    keys = [f'train.{k}' for k in ('optimizer', 'amp', 'batch_size', 'accumulate')] + ['distill.terms'] * (ck['extra']['mode'] == 'distill')
-    out = [k for k in keys if saved[k.split('.')[0]][k.split('.')[1]] != now[k.split('.')[0]][k.split('.')[1]]]
+    mode, saved = ck['extra']['mode'], ck['extra']['config']
+    was, now = stage_recipe(from_dict(TrainConfig, saved['train'], 'train'), mode), stage_recipe(cfg.train, mode)
+    out = [recipe_source(cfg.train, k, mode) for k in ('optimizer', 'amp', 'batch_size', 'accumulate') if getattr(was, k) != getattr(now, k)]
+    if mode == 'distill' and saved['distill']['terms'] != asdict(cfg.distill)['terms']: out.append('distill.terms')
     if ck['model_config'] != asdict(model_cfg): out.append(f"the {ck['role']} model section")
     world = dist.get_world_size() if dist.is_initialized() else 1
     if ck['extra'].get('world_size', 1) != world: out.append(f"the number of processes ({ck['extra'].get('world_size', 1)} -> {world})")
@@ -327,7 +333,7 @@ def train_model(cfg: Config, # the resolved config
     from skinkd.data import get_data
     from skinkd.models import build_model
     init_distributed(); set_seed(cfg.train.seed, cfg.train.deterministic)
-    data = data or get_data(cfg)
+    data = data or get_data(cfg, stage_recipe(cfg.train, mode).batch_size)
     missing = [s for s in ('train', 'val') if s not in data.loaders]
     if missing:
         raise SkinkdError(f"the data in {cfg.data.root} has no {' or '.join(missing)} split; set data.val_fraction > 0 "

@@ -42,7 +42,8 @@ def stages(out: Path, cfg: Config) -> list[Stage]:
     return [Stage('02_explore', '02_explore.ipynb', explore, shared=False),
             Stage('07_train_teacher', '07_train_teacher.ipynb', {'run_dir': str(out / 'teacher')}),
             Stage('08_distill-raw', '08_distill.ipynb', {'mode': 'raw', 'run_dir': str(out / 'raw')}),
-            Stage('08_distill-distill', '08_distill.ipynb', {'mode': 'distill', 'run_dir': str(out / 'distill'), 'teacher_weights': teacher}),
+            Stage('08_distill-distill', '08_distill.ipynb', {'mode': 'distill', 'run_dir': str(out / 'distill'), 'teacher_weights': teacher,
+                                                             'baseline': str(out / 'raw')}),  # the same recipe as raw, enforced
             Stage('09_evaluate', '09_evaluate.ipynb', {'weights': ckpts, 'run_dir': str(out / 'report')})]
 
 # %% ../nbs/11_pipeline.ipynb #91e36d5a
@@ -94,8 +95,9 @@ def summarize_run(out: Path, seconds: float) -> dict:
     report = out / 'report' / 'metrics.json'
     keep = ('dice', 'jaccard', 'thresholded_jaccard', 'hd95', 'failure_rate', 'n_images', 'params', 'macs', 'cpu_latency_s')
     if report.is_file():
-        models = json.loads(report.read_text())['models']
-        summary['test'] = {name: {k: m[k] for k in keep if k in m} for name, m in models.items()}
+        metrics = json.loads(report.read_text())
+        summary['test'] = {name: {k: m[k] for k in keep if k in m} for name, m in metrics['models'].items()}
+        if metrics.get('verdict'): summary['verdict'] = metrics['verdict']['lines']
     (out / 'summary.json').write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -129,3 +131,4 @@ def main(argv: list[str] | None = None):
     if not (args.config and args.out): parser.error('--config and --out are required, e.g. --config configs/demo.yaml --out runs/demo')
     summary = run_pipeline(args.config, args.out, args.overrides, args.smoke, not args.quiet)
     print(json.dumps(summary))
+    print('\n'.join(summary.get('verdict', [])))

@@ -143,3 +143,45 @@ def test_scratch_dir_is_deleted_when_a_process_or_a_worker_exits():
         path = Path(pool.submit(_make_scratch, 'skinkd-worker-').result())
         assert (path / 'checkpoint.pt').exists()  # alive while the worker lives
     assert not path.exists()
+
+
+def test_stage_recipes_teacher_overrides_win_for_the_teacher_only(tmp_path):
+    from skinkd.config import stage_recipe
+    path = write(tmp_path / 'c.yaml', 'train:\n  epochs: 8\n  lr: 1.0e-3\n  batch_size: 4\n  teacher:\n    epochs: 24\n    lr: 2.0e-3\n')
+    cfg = load_config(path, ['train.teacher.lr=3e-3', 'train.warmup_epochs=2'], {'train.teacher.batch_size': 2})
+    teacher, raw, distill = (stage_recipe(cfg.train, s) for s in ('teacher', 'raw', 'distill'))
+    assert (teacher.epochs, teacher.lr, teacher.batch_size, teacher.warmup_epochs) == (24, 3e-3, 2, 2.0)  # file < --set < params
+    assert (raw.epochs, raw.lr, raw.batch_size) == (8, 1e-3, 4) and raw == distill
+    assert load_config(save_config(cfg, tmp_path / 'run' / 'config.yaml')) == cfg      # the overrides survive the run folder
+    assert 'teacher:\n    epochs: 24' in (tmp_path / 'run' / 'config.yaml').read_text()
+
+
+@pytest.mark.parametrize('override, message', [
+    ('train.teacher.epoch=3', "unknown config key 'train.teacher.epoch': did you mean 'epochs'?"),
+    ('train.teacher.warmup=1', "unknown config key 'train.teacher.warmup': did you mean 'warmup_epochs'?"),
+    ('train.teacher.lr=0', "config key 'train.teacher.lr' is 0.0; it must be > 0.0"),
+    ('train.teacher.schedule=linear', "'train.teacher.schedule' is 'linear'; allowed: poly, cosine, onecycle, constant"),
+    ('train.teacher.early_stopping=x', "config key 'train.teacher.early_stopping' must be an integer or null, got 'x'"),
+    ('train.student.epochs=3', "config key 'train.student' does not exist: the raw and distilled students always share"),
+    ('train.raw.lr=1', "config key 'train.raw' does not exist"),
+])
+def test_stage_override_validation(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert message in str(e.value)
+
+
+def test_describe_lists_the_teacher_overrides_and_the_real_defaults():
+    rows = {k: (d, h) for k, d, h in describe()}
+    assert rows['teacher.backbone'][0] == 'resnet101' and rows['student.backbone'][0] == 'resnet18'
+    for key in ('epochs', 'lr', 'schedule', 'warmup_epochs', 'batch_size', 'early_stopping'):
+        default, help = rows[f'train.teacher.{key}']
+        assert default is None and help.startswith('teacher: ') and f'(null: as train.{key})' in help
+
+
+def test_recipe_differences_name_every_student_key():
+    from skinkd.config import recipe_differences
+    base = load_config(overrides=['train.epochs=8'])
+    assert recipe_differences(base, load_config(overrides=['train.epochs=8', 'train.teacher.epochs=30', 'data.num_workers=0'])) == []
+    diff = recipe_differences(base, load_config(overrides=['train.epochs=8', 'student.backbone=resnet34', 'data.image_size=128']))
+    assert diff == ["data.image_size (256 vs 128)", "student.backbone ('resnet18' vs 'resnet34')"]

@@ -144,3 +144,35 @@ def test_cli_errors_are_one_line(setup):
     r = subprocess.run([sys.executable, '-c', 'from skinkd.evaluate import main; main()', '--weights', 'missing.pt'],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and 'checkpoint missing.pt not found' in r.stderr and 'Traceback' not in r.stderr
+
+
+@pytest.mark.parametrize('shift, teacher_val, effect, first', [
+    (+0.015, 0.90, 'helped', 'distillation helped: +1.'),
+    (0.0, 0.90, 'no effect', 'no detectable effect of distillation:'),
+    (-0.015, 0.90, 'hurt', 'distillation hurt: -1.'),
+    (0.0, 0.84, 'no effect', 'the teacher is not better than the raw student on validation (Dice 0.840 vs 0.860)'),
+])
+def test_verdict_on_constructed_per_image_differences(shift, teacher_val, effect, first):
+    from skinkd.evaluate import dice_verdict
+    rng = np.random.default_rng(3)
+    raw = rng.uniform(0.6, 0.9, (3, 60))
+    distilled = raw + shift + rng.normal(0, 0.01, (3, 60))
+    v = dice_verdict(distilled - raw, teacher_val=teacher_val, raw_val=0.86)
+    assert v.effect == effect and v.lines()[0].startswith(first)
+    assert v.lines()[-1].endswith('(95% CI ' + f'{100 * v.ci[0]:+.1f} to {100 * v.ci[1]:+.1f}; 3 seeds, 180 paired images)')
+    assert (v.ci[0] > 0) == (effect == 'helped') and (v.ci[1] < 0) == (effect == 'hurt')
+
+
+def test_verdict_bootstrap_keeps_the_seeds_of_an_image_together():
+    "Three identical seeds carry the information of one: the interval must not shrink as if they were independent."
+    from skinkd.evaluate import dice_verdict
+    d = np.random.default_rng(4).normal(0.005, 0.03, 80)
+    one, three = dice_verdict(d), dice_verdict(np.stack([d, d, d]))
+    assert three.ci == pytest.approx(one.ci) and three.n_seeds == 3 and three.n_images == 80
+
+
+def test_report_opens_with_the_verdict(setup, evaluation):
+    report = (setup['tmp'] / 'report' / 'report.md').read_text().splitlines()
+    assert report[0] == '# Evaluation report' and report[2] == f'**{evaluation.verdict.line()}**'
+    m = json.loads((setup['tmp'] / 'report' / 'metrics.json').read_text())
+    assert m['verdict']['lines'] == evaluation.verdict.lines() and m['verdict']['n_seeds'] == 1

@@ -133,6 +133,16 @@ def test_bad_cli_input_fails_before_training_with_one_line(data_args, tmp_path, 
     assert not (tmp_path / 'run' / 'checkpoints').exists()
 
 
+def test_distilled_student_refuses_another_recipe_than_its_baseline(data_args, teacher, tmp_path):
+    teacher_dir, _ = teacher   # its run folder's config.yaml has exactly the students' recipe of data_args
+    tw = str(teacher_dir / 'checkpoints' / 'best.pt')
+    p = run(['skinkd_distill', '--mode', 'distill', *data_args, '--set', 'train.lr=0.002', '--teacher_weights', tw,
+             '--baseline', str(teacher_dir), '--out', str(tmp_path / 'run')], check=False)
+    assert p.returncode == 1 and 'Traceback' not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert 'the raw and distilled students must train under one recipe' in p.stderr and 'train.lr (0.002 vs 0.001)' in p.stderr
+    assert not (tmp_path / 'run').exists()
+
+
 def test_unknown_flag_is_refused():
     p = run(['skinkd_distill', '--mode', 'raw', '--epochs', '3'], check=False)
     assert p.returncode == 2 and 'unrecognized arguments: --epochs 3' in p.stderr

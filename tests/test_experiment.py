@@ -1,0 +1,63 @@
+"""The experiment runner end to end: the chapter through papermill on the smoke preset (with the ablation),
+the skinkd_experiment command reusing that teacher, and its refusal of a folder holding another experiment."""
+import json
+import os
+import subprocess
+
+import papermill as pm
+import pytest
+
+from skinkd.config import load_config
+
+from conftest import REPO
+
+ENV = {**os.environ, 'SKINKD_PROGRESS': '0', 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
+
+
+@pytest.fixture(scope='module')
+def chapter(tmp_path_factory):
+    "nbs/12_experiment.ipynb executed by papermill: smoke preset, seeds 0 and 1, with the ablation."
+    tmp = tmp_path_factory.mktemp('experiment')
+    out = tmp / 'exp'
+    params = dict(config_path=str(REPO / 'configs' / 'demo.yaml'), seeds=[0, 1], run_dir=str(out), ablation=True,
+                  preset='smoke', project_root=str(tmp))
+    assert set(params) <= set(pm.inspect_notebook(str(REPO / 'nbs' / '12_experiment.ipynb')))
+    pm.execute_notebook(str(REPO / 'nbs' / '12_experiment.ipynb'), str(tmp / 'executed.ipynb'), parameters=params,
+                        cwd=str(REPO / 'nbs'), kernel_name='python3', progress_bar=False)
+    return out, tmp
+
+
+def test_chapter_writes_the_experiment_record(chapter):
+    out, _ = chapter
+    record = json.loads((out / 'experiment.json').read_text())
+    runs = [f'seed{s}/{v}' for s in (0, 1) for v in ('raw', 'distill', 'logit_only', 'hints_only')]
+    assert sorted(record['models']) == sorted(['teacher', *runs])
+    assert record['seeds'] == [0, 1] and set(record['pooled']) == {'distill', 'logit_only', 'hints_only'}
+    v = record['verdict']
+    assert v['effect'] in ('helped', 'no effect', 'hurt') and v['n_seeds'] == 2 and v['n_images'] == record['n_test_images'] > 0
+    assert v['lines'][-1].endswith(f"2 seeds, {2 * record['n_test_images']} paired images)") and v['ci'][0] <= v['mean'] <= v['ci'][1]
+    for name, m in record['models'].items():
+        assert 0 <= m['dice'] <= 1 and m['epochs'] == 2 and m['train_seconds'] > 0, name
+        assert (out / name / 'done.json').is_file() and (out / name / 'checkpoints' / 'best.pt').is_file()
+    assert load_config(out / 'seed1' / 'raw' / 'config.yaml').train.seed == 1
+    assert [t.kind for t in load_config(out / 'seed0' / 'logit_only' / 'config.yaml').distill.terms] == ['logit']
+    report = (out / 'experiment.md').read_text().splitlines()
+    assert report[0] == f"**{v['lines'][0]}**" and '# Experiment: does distillation pay?' in report
+    assert (out / 'experiment.png').stat().st_size > 10_000
+    assert len((out / 'per_image.csv').read_text().splitlines()) == record['n_test_images'] + 1
+
+
+def test_cli_reuses_a_teacher_and_refuses_another_experiment_in_the_same_folder(chapter):
+    out, tmp = chapter
+    teacher = out / 'teacher' / 'checkpoints' / 'best.pt'
+    cmd = ['skinkd_experiment', '--config', str(REPO / 'configs' / 'demo.yaml'), '--smoke', '--seeds', '3',
+           '--teacher_weights', str(teacher), '--out', str(tmp / 'cli')]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp)
+    assert p.returncode == 0, p.stderr
+    record = json.loads((tmp / 'cli' / 'experiment.json').read_text())
+    assert sorted(record['models']) == ['seed3/distill', 'seed3/raw', 'teacher'] and not (tmp / 'cli' / 'teacher').exists()
+    assert record['models']['teacher']['checkpoint'] == str(teacher)
+    assert record['verdict']['lines'][-1] in p.stdout and 'experiment.md' in p.stdout.splitlines()[-1]
+    bad = subprocess.run([*cmd, '--set', 'train.lr=0.5'], capture_output=True, text=True, env=ENV, cwd=tmp)
+    assert bad.returncode == 1 and 'Traceback' not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert 'holds an experiment with another config (train.lr (0.001 vs 0.5))' in bad.stderr
