@@ -484,7 +484,7 @@ def cli_main(fn):
 # %% ../nbs/00_config.ipynb #9962d47e
 SMOKE_OVERRIDES = ['data.root=data/synthetic-smoke', 'data.synthetic_n=40', 'data.image_size=64', 'data.num_workers=0',
                    'teacher.backbone=resnet34', 'teacher.pretrained=null', 'student.pretrained=null',
-                   'train.epochs=2', 'train.batch_size=4', 'train.warmup_epochs=0', 'eval.batch_size=8']
+                   'train.epochs=2', 'train.teacher={}', 'train.batch_size=4', 'train.warmup_epochs=0', 'eval.batch_size=8']
 
 def is_smoke(preset: str) -> bool:
     "Whether a notebook run uses the smoke preset ('auto': only under nbdev_test)."

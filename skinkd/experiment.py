@@ -17,7 +17,7 @@ import numpy as np
 from .config import (Config, DistillTerm, SkinkdError, SMOKE_OVERRIDES, add_config_args, atomic_write, cli_main,
                            config_from_args, differences, flat_config, load_config, save_config, stage_recipe)
 from .distill import train_student
-from .evaluate import (ModelResult, Verdict, dice_verdict, evaluate_checkpoint, md_table, paired_comparison,
+from .evaluate import (VERDICT_HEADS, ModelResult, Verdict, dice_verdict, evaluate_checkpoint, md_table, paired_comparison,
                              split_cache, verdict_dict, write_json, write_per_image_csv)
 from .learner import is_main
 from .teacher import train_teacher
@@ -85,13 +85,16 @@ def claim_folder(cfg: Config, out: Path) -> Path:
     return path
 
 # %% ../nbs/12_experiment.ipynb #e2646607
+NAMES = {'raw': 'raw student', 'distill': 'distilled student', 'logit_only': 'distilled, logit term only',
+         'hints_only': 'distilled, feature terms only', 'teacher': 'teacher'}
+
 def gap_recovered(teacher: float, raw: float, distilled: float) -> float:
     "The share of the teacher − raw gap in test Dice that distillation recovers (NaN when the teacher is not better)."
     return (distilled - raw) / (teacher - raw) if teacher > raw else math.nan
 
 def seed_table(dice: dict[tuple[int, str], float], teacher: float, seeds: list[int], variants: list[str]) -> tuple[list, list]:
     "Header and rows of the per-seed test Dice table, with a mean ± sd row."
-    header = ['seed', 'teacher', *variants, 'distilled − raw']
+    header = ['seed', 'teacher', *[NAMES.get(v, v) for v in variants], 'distilled − raw']
     rows = [[s, f'{teacher:.4f}', *[f'{dice[s, v]:.4f}' for v in variants], f"{dice[s, 'distill'] - dice[s, 'raw']:+.4f}"] for s in seeds]
     ms = lambda xs, sign='': f'{np.mean(xs):{sign}.4f} ± {np.std(xs, ddof=1) if len(xs) > 1 else 0:.4f}'
     rows.append(['mean ± sd', f'{teacher:.4f}', *[ms([dice[s, v] for s in seeds]) for v in variants],
@@ -99,9 +102,6 @@ def seed_table(dice: dict[tuple[int, str], float], teacher: float, seeds: list[i
     return header, rows
 
 # %% ../nbs/12_experiment.ipynb #1cec3fd0
-NAMES = {'raw': 'raw student', 'distill': 'distilled student', 'logit_only': 'distilled, logit term only',
-         'hints_only': 'distilled, feature terms only', 'teacher': 'teacher'}
-
 def pooled(per_image: dict[tuple[int, str], np.ndarray], seeds: list[int], variant: str, teacher_val: float | None,
            raw_val: float | None) -> Verdict:
     "The verdict of `variant` against the raw students, pooling every seed's per-image Dice differences."
@@ -132,7 +132,7 @@ def experiment_figure(dice: dict[tuple[int, str], float], teacher: float, seeds:
     b.hist(100 * per_image_diff, bins=30, color='C1', alpha=0.7)
     b.axvline(0, color='k', lw=1); b.axvline(100 * verdict.mean, color='C3', label=f'mean {100 * verdict.mean:+.2f}')
     b.axvspan(100 * verdict.ci[0], 100 * verdict.ci[1], color='C3', alpha=0.2, label='95% CI')
-    b.set(xlabel='distilled − raw Dice per test image (points, mean over seeds)', ylabel='images', title=verdict.effect)
+    b.set(xlabel='distilled − raw Dice per test image (points, mean over seeds)', ylabel='images', title=VERDICT_HEADS[verdict.effect])
     b.legend(fontsize=8); fig.tight_layout()
     return fig
 

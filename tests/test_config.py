@@ -161,7 +161,7 @@ def test_stage_recipes_teacher_overrides_win_for_the_teacher_only(tmp_path):
     ('train.teacher.warmup=1', "unknown config key 'train.teacher.warmup': did you mean 'warmup_epochs'?"),
     ('train.teacher.lr=0', "config key 'train.teacher.lr' is 0.0; it must be > 0.0"),
     ('train.teacher.schedule=linear', "'train.teacher.schedule' is 'linear'; allowed: poly, cosine, onecycle, constant"),
-    ('train.teacher.early_stopping=x', "config key 'train.teacher.early_stopping' must be an integer or null, got 'x'"),
+    ('train.teacher.early_stopping=x', "config key 'train.teacher.early_stopping' must be an integer, got 'x'"),
     ('train.student.epochs=3', "config key 'train.student' does not exist: the raw and distilled students always share"),
     ('train.raw.lr=1', "config key 'train.raw' does not exist"),
 ])
