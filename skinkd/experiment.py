@@ -25,7 +25,8 @@ from .teacher import train_teacher
 # %% auto #0
 __all__ = ['NOT_EXPERIMENT', 'NAMES', 'Run', 'ablation_variants', 'experiment_plan', 'read_done', 'train_once', 'claim_folder',
            'gap_recovered', 'seed_table', 'pooled', 'effect_table', 'experiment_figure', 'train_models', 'score_models',
-           'summarize_experiment', 'report_text', 'experiment_json', 'write_report', 'run_experiment', 'main']
+           'summarize_experiment', 'total_train_minutes', 'report_text', 'experiment_json', 'write_report',
+           'run_experiment', 'main']
 
 # %% ../nbs/12_experiment.ipynb #f1ea2c97
 @dataclass
@@ -183,6 +184,10 @@ def summarize_experiment(results: dict[str, ModelResult], done: dict[str, dict],
                 teacher_val=teacher_val, raw_val=raw_val)
 
 # %% ../nbs/12_experiment.ipynb #c211a0ae
+def total_train_minutes(done: dict[str, dict]) -> float:
+    "The summed training wall-clock of every model trained here (a reused teacher counts 0), in minutes."
+    return sum(d['train_seconds'] for d in done.values() if math.isfinite(d['train_seconds'])) / 60
+
 def report_text(s: dict, results: dict[str, ModelResult], done: dict[str, dict], seeds: list[int], variants: list[str],
                 cfg: Config, wall: float) -> str:
     "The experiment's markdown report; its first line is the verdict."
@@ -194,7 +199,8 @@ def report_text(s: dict, results: dict[str, ModelResult], done: dict[str, dict],
     return '\n\n'.join([*lines, '# Experiment: does distillation pay?',
         f"Teacher `{cfg.teacher.backbone}`, student `{cfg.student.backbone}`, data `{cfg.data.root}` at {cfg.data.image_size} px; "
         f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); {n} test images scored at the "
-        f"{'original' if cfg.eval.original_resolution else 'working'} resolution. Wall time {wall / 60:.1f} min.",
+        f"{'original' if cfg.eval.original_resolution else 'working'} resolution. Training time of all models "
+        f"{total_train_minutes(done):.1f} min; this call's wall time {wall / 60:.1f} min (finished runs are reused).",
         '## Test Dice per seed', md_table(header, rows),
         f'## Pooled paired difference ({len(seeds)} seeds × {n} images)\n\nThe bootstrap resamples test images, keeping all '
         'seeds of an image together; Wilcoxon tests each image\'s mean difference over the seeds.', effect_table(s['verdicts'], s['gaps']),
@@ -207,7 +213,8 @@ def experiment_json(s: dict, results: dict[str, ModelResult], done: dict[str, di
                   **done[k], 'params': r.params, 'cpu_latency_s': r.latency_s} for k, r in results.items()}
     return dict(verdict=verdict_dict(s['verdicts']['distill']), seeds=seeds, n_test_images=len(results['teacher'].per_image['dice']),
                 models=models, pooled={k: verdict_dict(v) for k, v in s['verdicts'].items()},
-                gap_recovered={k: (None if math.isnan(g) else g) for k, g in s['gaps'].items()}, wall_seconds=round(wall, 1))
+                gap_recovered={k: (None if math.isnan(g) else g) for k, g in s['gaps'].items()}, wall_seconds=round(wall, 1),
+                train_seconds_total=round(60 * total_train_minutes(done), 1))
 
 # %% ../nbs/12_experiment.ipynb #f4b02e2c
 def _png(fig) -> bytes:
