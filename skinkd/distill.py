@@ -19,6 +19,7 @@ from .config import (Config, DistillTerm, ModelConfig, SkinkdError, add_config_a
                            load_config, recipe_differences)
 from .learner import Learner, SegTask, default_device, is_main, train_model
 from .losses import DistillationLoss, seg_loss_from_config, term_names
+from .metrics import per_image_metrics
 from .models import load_model, prepare_for_inference
 
 # %% auto #0
@@ -131,11 +132,6 @@ def soft_maps(models: dict[str, nn.Module], # name -> segmentation model returni
     "Each model's lesion probability at every pixel, as (N,S,S) float arrays."
     return {name: torch.sigmoid(m.eval()(images)[:, 0].float()).cpu().numpy() for name, m in models.items()}
 
-def _dice(prob: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> float:
-    "Dice of a thresholded probability map (1.0 when both are empty)."
-    p, t = prob > threshold, truth > 0
-    return 1.0 if not (p.any() or t.any()) else float(2 * (p & t).sum() / (p.sum() + t.sum()))
-
 # %% ../nbs/08_distill.ipynb #1f8924cf
 def soft_map_figure(images: np.ndarray, # (N,S,S,3) uint8 or float images in [0,1]
                     truth: np.ndarray, # (N,S,S) ground-truth masks
@@ -145,6 +141,8 @@ def soft_map_figure(images: np.ndarray, # (N,S,S,3) uint8 or float images in [0,
     "One row per image: the image with its true outline, then each model's probability map on one colour scale."
     import matplotlib.pyplot as plt
     n, names = len(images), list(maps)
+    truth_t = torch.from_numpy(np.asarray(truth) > 0)
+    dice = {k: per_image_metrics(torch.from_numpy(m > 0.5), truth_t, with_hd95=False)['dice'] for k, m in maps.items()}
     fig, axes = plt.subplots(n, len(names) + 1, figsize=(2.3 * (len(names) + 1) + 0.8, 2.3 * n), squeeze=False)
     for i in range(n):
         axes[i, 0].imshow(images[i]); axes[i, 0].contour(truth[i] > 0, levels=[0.5], colors='lime', linewidths=1)
@@ -152,7 +150,7 @@ def soft_map_figure(images: np.ndarray, # (N,S,S,3) uint8 or float images in [0,
         for j, name in enumerate(names, 1):
             im = axes[i, j].imshow(maps[name][i], vmin=0, vmax=1, cmap='magma')
             axes[i, j].contour(truth[i] > 0, levels=[0.5], colors='lime', linewidths=0.6)
-            axes[i, j].set_xlabel(f'Dice {_dice(maps[name][i], truth[i]):.3f}', fontsize=8)
+            axes[i, j].set_xlabel(f'Dice {float(dice[name][i]):.3f}', fontsize=8)
     for j, title in enumerate(['image, true outline (green)'] + [f'{k}: P(lesion)' for k in names]): axes[0, j].set_title(title, fontsize=9)
     for ax in axes.flat: ax.set_xticks([]); ax.set_yticks([])
     fig.colorbar(im, ax=axes, fraction=0.03, pad=0.02, label='P(lesion)')

@@ -17,7 +17,7 @@ import numpy as np
 from .config import (Config, DistillTerm, SkinkdError, SMOKE_OVERRIDES, add_config_args, atomic_write, cli_main,
                            config_from_args, differences, flat_config, load_config, save_config, stage_recipe)
 from .distill import train_student
-from .evaluate import (VERDICT_HEADS, ModelResult, Verdict, dice_verdict, evaluate_checkpoint, md_table, paired_comparison,
+from .evaluate import (VERDICT_HEADS, ModelResult, Verdict, dice_verdict, evaluate_checkpoint, md_table,
                              split_cache, verdict_dict, write_json, write_per_image_csv)
 from .learner import is_main
 from .teacher import train_teacher
