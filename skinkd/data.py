@@ -41,8 +41,9 @@ __all__ = ['SKIN_TONES', 'LESION_COLOURS', 'ISIC2018_DIRS', 'IMAGE_EXTS', 'MASK_
            'make_synthetic', 'synth_cli', 'Sample', 'detect_layout', 'scan', 'discover', 'read_groups',
            'read_split_file', 'split_samples', 'binarize_mask', 'load_pair', 'DataReport', 'report_summary',
            'default_workers', 'check_data', 'check_data_cli', 'usable_samples', 'mirror_pad_to_square', 'prepare_pair',
-           'restore_original', 'cache_key', 'SegCache', 'build_cache', 'denormalize', 'build_transforms', 'SegDataset',
-           'item_seed', 'EpochSampler', 'seed_worker', 'build_loader', 'DataBundle', 'prepare_root', 'get_data']
+           'restore_original', 'cache_key', 'SegCache', 'build_cache', 'denormalize', 'build_transforms',
+           'preprocessing', 'SegDataset', 'item_seed', 'EpochSampler', 'seed_worker', 'build_loader', 'DataBundle',
+           'prepare_root', 'get_data']
 
 # %% ../nbs/01_data.ipynb #6ef23f96
 class DataError(SkinkdError, ValueError):
@@ -729,6 +730,13 @@ def build_transforms(aug: AugmentConfig, # the augment section of the config
     t.append(v2.ToDtype({tv_tensors.Image: torch.float32, 'others': None}, scale=True))
     if aug.normalize: t.append(v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
     return v2.Compose(t)
+
+# %% ../nbs/01_data.ipynb #ada0f322
+def preprocessing(cfg: Config) -> dict:
+    "How a model's inputs are prepared: working size, mirror padding, resampling and normalisation."
+    d, a = cfg.data, cfg.augment
+    return dict(image_size=d.image_size, mirror_pad=a.mirror_pad, mask_resize=d.mask_resize, normalize=a.normalize,
+                mean=list(IMAGENET_MEAN) if a.normalize else None, std=list(IMAGENET_STD) if a.normalize else None)
 
 # %% ../nbs/01_data.ipynb #fd88ebe4
 class SegDataset(Dataset):

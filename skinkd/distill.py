@@ -16,15 +16,15 @@ from torch import nn
 import numpy as np
 
 from .config import (Config, DistillTerm, ModelConfig, SkinkdError, add_config_args, cli_main, config_from_args,
-                           load_config, recipe_differences)
-from .learner import Learner, SegTask, default_device, is_main, train_model
+                           load_config, recipe_differences, save_config)
+from .learner import Learner, SegTask, default_device, is_main, save_figure, term_contributions, train_model
 from .losses import DistillationLoss, seg_loss_from_config, term_names
 from .metrics import per_image_metrics
 from .models import load_model, prepare_for_inference
 
 # %% auto #0
 __all__ = ['freeze', 'load_teacher', 'DistillTask', 'student_task', 'check_baseline', 'train_student', 'test_student', 'run_mode',
-           'soft_maps', 'soft_map_figure', 'term_contributions', 'term_curves_figure', 'main']
+           'soft_maps', 'soft_map_figure', 'term_curves_figure', 'main']
 
 # %% ../nbs/08_distill.ipynb #ff5c6ceb
 def freeze(model: nn.Module, channels_last: bool = True) -> nn.Module:
@@ -113,6 +113,7 @@ def test_student(cfg: Config, student_weights: str | Path | None = None) -> dict
                             cfg.augment.normalize, device=default_device(), compile=e.compile)
     summary = {**{k: round(float(v), 6) for k, v in r.summary.items()}, 'params': r.params, 'macs': r.macs,
                'cpu_latency_s': round(r.latency_s, 5), 'checkpoint': str(path)}
+    save_config(cfg, out / 'test_config.yaml')  # beside the training run's config.yaml, which it must not replace
     write_json(out / 'metrics.json', summary); write_per_image_csv(out / 'per_image.csv', list(cache.ids), [r])
     return summary
 
@@ -157,15 +158,6 @@ def soft_map_figure(images: np.ndarray, # (N,S,S,3) uint8 or float images in [0,
     return fig
 
 # %% ../nbs/08_distill.ipynb #b75e7106
-def term_contributions(history: list[dict], # the per-epoch rows of a run (`metrics.csv`)
-                       terms: list[DistillTerm], # the run's `distill.terms` (gives each term's weight)
-                      ) -> dict[str, list[float]]:
-    "Per epoch, what the segmentation loss and each KD term (times its weight) add to the training loss."
-    out = {'seg': [r['train_seg'] for r in history]}
-    for name, t in zip(term_names(terms), terms):
-        if f'train_{name}' in history[0]: out[f'{t.weight:g} × {name}'] = [t.weight * r[f'train_{name}'] for r in history]
-    return out
-
 def term_curves_figure(history: list[dict], terms: list[DistillTerm], title: str = 'distilled student'):
     "The training loss split into its weighted terms, per epoch (log scale)."
     import matplotlib.pyplot as plt

@@ -10,29 +10,28 @@ import csv
 import io
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from scipy import stats
 
 from .config import (Config, SkinkdError, add_config_args, atomic_write, cli_main, config_from_args, save_config,
                            unique_names)
 from .data import IMAGENET_MEAN, IMAGENET_STD, get_data
+from .learner import save_figure
 from .metrics import JACCARD_THRESHOLD, METRICS, per_image_metrics, score_at_original, summarize
 from .models import compile_for_inference, count_macs, count_params, load_model, prepare_for_inference
-from .viewer import overlay, save_predictions, side_by_side
+from .viewer import ERROR_COLORS, overlay, save_predictions
 
 # %% auto #0
-__all__ = ['MODE_NAMES', 'VERDICT_HEADS', 'TABLE_METRICS', 'EvaluationError', 'predict', 'score_model', 'binary_masks',
-           'cpu_latency', 'model_name', 'ModelResult', 'evaluate_checkpoint', 'bootstrap_ci', 'wilcoxon_p',
-           'paired_comparison', 'Verdict', 'dice_verdict', 'md_table', 'results_table', 'ratio_table', 'paired_table',
-           'box_plots', 'worst_gallery', 'Evaluation', 'pair_verdict', 'write_per_image_csv', 'write_json',
-           'report_markdown', 'evaluate_checkpoints', 'viewer_metrics', 'verdict_dict', 'split_cache',
+__all__ = ['MODE_NAMES', 'VERDICT_HEADS', 'TABLE_METRICS', 'ERROR_KEY', 'EvaluationError', 'predict', 'score_model',
+           'binary_masks', 'cpu_latency', 'model_name', 'ModelResult', 'evaluate_checkpoint', 'bootstrap_ci',
+           'wilcoxon_p', 'paired_comparison', 'Verdict', 'dice_verdict', 'md_table', 'results_table', 'ratio_table',
+           'paired_table', 'box_plots', 'worst_cases_figure', 'Evaluation', 'pair_verdict', 'write_per_image_csv',
+           'write_json', 'report_markdown', 'evaluate_checkpoints', 'viewer_metrics', 'verdict_dict', 'split_cache',
            'evaluate_from_config', 'main']
 
 # %% ../nbs/09_evaluate.ipynb #a6f85d00
@@ -272,28 +271,41 @@ def box_plots(results: list[ModelResult], path: str | Path, metrics=('dice', 'ja
     "Box plots of per-image metrics, one panel per metric, one box per model, saved as PNG."
     import matplotlib; matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6), squeeze=False)
     for ax, k in zip(axes[0], metrics):
         ax.boxplot([r.per_image[k][np.isfinite(r.per_image[k])] for r in results])
         ax.set_xticks(range(1, len(results) + 1), [r.name for r in results])
-        ax.set_title(k + (' (px, lower is better)' if k == 'hd95' else '')); ax.grid(alpha=0.3)
-    fig.tight_layout()
-    try: return atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))
-    finally: plt.close(fig)
+        ax.set(title=k, ylabel=f"{k} per image ({'pixels, lower' if k == 'hd95' else 'higher'} is better)"); ax.grid(alpha=0.3)
+    fig.suptitle(f"per-image metrics of {len(results)} model(s) on {len(results[0].per_image['dice'])} images")
+    return save_figure(fig, path, dpi=100)
 
 # %% ../nbs/09_evaluate.ipynb #1b5fa047
-def worst_gallery(images: np.ndarray, # (N,S,S,3) uint8 working-size images
-                  truth: np.ndarray, # (N,S,S) ground truth
-                  results: list[ModelResult], # models to show (error maps)
-                  focus: ModelResult, # the model whose lowest Dice picks the rows
-                  k: int = 6, # rows
-                 ) -> tuple[np.ndarray, list[int]]:
-    "An image grid of the `k` worst cases of `focus` (rows) and the indices shown."
+ERROR_KEY = {'tp': 'lesion found', 'fp': 'false lesion', 'fn': 'missed lesion'}
+
+def worst_cases_figure(images: np.ndarray, # (N,S,S,3) uint8 working-size images
+                       truth: np.ndarray, # (N,S,S) ground truth
+                       results: list[ModelResult], # models to show (error maps)
+                       focus: ModelResult, # the model whose lowest Dice picks the rows
+                       ids: list[str], # image ids, one per image
+                       k: int = 6, # rows
+                      ):
+    "A figure of the `k` worst cases of `focus`: per row the image and each model's error map, with ids, scores and a key."
+    import matplotlib; matplotlib.use('Agg', force=False); import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
     worst = [int(i) for i in np.argsort(focus.per_image['dice'], kind='stable')[:k]]
-    rows = [side_by_side([overlay(images[i], {'ground truth': truth[i]}, mode='contour')] +
-                         [overlay(images[i], [truth[i], r.masks[i]], mode='error', alpha=0.5) for r in results]) for i in worst]
-    band = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
-    return np.concatenate([x for row in rows for x in (band, row)][1:]), worst
+    fig, axes = plt.subplots(len(worst), 1 + len(results), figsize=(2.3 * (1 + len(results)), 2.3 * len(worst) + 0.9), squeeze=False)
+    for row, i in zip(axes, worst):
+        row[0].imshow(overlay(images[i], {'ground truth': truth[i]}, mode='contour')); row[0].set_ylabel(ids[i], fontsize=9)
+        for ax, r in zip(row[1:], results):
+            ax.imshow(overlay(images[i], [truth[i], r.masks[i]], mode='error', alpha=0.5))
+            ax.set_xlabel(f"Dice {r.per_image['dice'][i]:.3f}", fontsize=9)
+    for ax, head in zip(axes[0], ['image, true outline'] + [r.name for r in results]): ax.set_title(head, fontsize=10)
+    for ax in axes.flat: ax.set_xticks([]); ax.set_yticks([])
+    key = [Patch(color=np.array(ERROR_COLORS[c]) / 255, label=label) for c, label in ERROR_KEY.items()]
+    fig.legend(handles=key, loc='lower center', ncol=3, fontsize=9, frameon=False)
+    fig.suptitle(f'the {len(worst)} images where {focus.name} scores lowest (Dice)', fontsize=11)
+    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1))
+    return fig, worst
 
 # %% ../nbs/09_evaluate.ipynb #fb44d7b4
 @dataclass
@@ -400,8 +412,7 @@ def _write_outputs(ev: Evaluation, images, truth, focus: ModelResult, gallery_k:
                'params': r.params, 'macs': r.macs, 'cpu_latency_s': r.latency_s, 'best_val_dice': r.val_dice} for r in res},
                'paired_distilled_vs_raw': ev.paired, 'verdict': verdict_dict(ev.verdict)})
     box_plots(res, f['boxplots'])
-    grid, _ = worst_gallery(images, truth, res, focus, gallery_k)
-    atomic_write(f['gallery'], lambda fh: Image.fromarray(grid).save(fh, format='PNG'))
+    save_figure(worst_cases_figure(images, truth, res, focus, ev.ids, gallery_k)[0], f['gallery'])
     save_predictions(f['predictions'], ev.ids, images, truth, {r.name: r.masks for r in res}, viewer_metrics(res))
     text = report_markdown(ev, notes=notes)
     atomic_write(f['report'], lambda fh: fh.write(text.encode()))

@@ -19,7 +19,7 @@ from .config import (Config, DistillTerm, SkinkdError, SMOKE_OVERRIDES, add_conf
 from .distill import train_student
 from .evaluate import (VERDICT_HEADS, ModelResult, Verdict, dice_verdict, evaluate_checkpoint, md_table,
                              split_cache, verdict_dict, write_json, write_per_image_csv)
-from .learner import is_main
+from .learner import is_main, save_figure
 from .teacher import train_teacher
 
 # %% auto #0
@@ -217,21 +217,13 @@ def experiment_json(s: dict, results: dict[str, ModelResult], done: dict[str, di
                 train_seconds_total=round(60 * total_train_minutes(done), 1))
 
 # %% ../nbs/12_experiment.ipynb #f4b02e2c
-def _png(fig) -> bytes:
-    "A figure as PNG bytes."
-    import io
-    import matplotlib.pyplot as plt
-    buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=110); plt.close(fig)
-    return buf.getvalue()
-
 def write_report(out: Path, s: dict, results: dict, ids: list[str], done: dict, seeds: list[int], variants: list[str],
                  cfg: Config, wall: float) -> dict:
     "Write experiment.md, experiment.json, per_image.csv and experiment.png; return the JSON record."
     record = experiment_json(s, results, done, seeds, wall)
     diff = np.mean([s['per_image'][k, 'distill'] - s['per_image'][k, 'raw'] for k in seeds], 0)
-    png = _png(experiment_figure(s['dice'], s['teacher_dice'], seeds, variants, diff, s['verdicts']['distill']))
     write_per_image_csv(out / 'per_image.csv', ids, list(results.values()))
-    atomic_write(out / 'experiment.png', lambda f: f.write(png))
+    save_figure(experiment_figure(s['dice'], s['teacher_dice'], seeds, variants, diff, s['verdicts']['distill']), out / 'experiment.png')
     write_json(out / 'experiment.json', record)
     atomic_write(out / 'experiment.md', lambda f: f.write(report_text(s, results, done, seeds, variants, cfg, wall).encode()))
     return record

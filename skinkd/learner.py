@@ -25,16 +25,18 @@ from torch import nn
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 
-from .config import (Config, ModelConfig, SkinkdError, TrainConfig, atomic_write, from_dict, recipe_source, save_config,
+from .config import (Config, DistillTerm, ModelConfig, SkinkdError, TrainConfig, atomic_write, from_dict, recipe_source, save_config,
                            stage_recipe, teacher_overrides)
 from .metrics import MetricAccumulator
-from .models import load_checkpoint, prepare_for_training, save_checkpoint, unwrap
+from .data import preprocessing
+from .losses import term_names
+from .models import is_resumable, load_checkpoint, prepare_for_training, save_checkpoint, unwrap
 
 # %% auto #0
-__all__ = ['set_seed', 'rng_state', 'set_rng_state', 'init_distributed', 'is_main', 'default_device', 'lr_factor',
+__all__ = ['RUN_TITLES', 'set_seed', 'rng_state', 'set_rng_state', 'init_distributed', 'is_main', 'default_device', 'lr_factor',
            'build_optimizer', 'build_scheduler', 'SegTask', 'to_device', 'autocast', 'validate', 'set_loader_epoch',
-           'progress_enabled', 'write_history', 'atomic_copy', 'plot_history', 'Learner', 'average_gradients',
-           'resume_conflicts', 'train_model']
+           'progress_enabled', 'write_history', 'save_figure', 'term_contributions', 'history_figure', 'Learner',
+           'average_gradients', 'resume_conflicts', 'train_model']
 
 # %% ../nbs/06_learner.ipynb #83236a14
 def set_seed(seed: int, deterministic: bool = False):
@@ -151,21 +153,44 @@ def write_history(history: list[dict], path: Path):
     w.writeheader(); w.writerows(history)
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
-def atomic_copy(src: Path, dst: Path) -> Path:
-    "Copy `src` to `dst` atomically."
-    with open(src, 'rb') as s: return atomic_write(dst, lambda f: shutil.copyfileobj(s, f))
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    "Render a matplotlib figure to PNG in memory, write it atomically and close the figure."
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=dpi, bbox_inches='tight'); plt.close(fig)
+    return atomic_write(path, lambda f: f.write(buf.getvalue()))
 
-def plot_history(history: list[dict], path: Path):
-    "Save training loss and validation metrics per epoch as a PNG."
+# %% ../nbs/06_learner.ipynb #bfea31f5
+def term_contributions(history: list[dict], # the per-epoch rows of a run (`metrics.csv`)
+                       terms: list[DistillTerm], # the run's `distill.terms` (gives each term's weight)
+                      ) -> dict[str, list[float]]:
+    "Per epoch, what the segmentation loss and each KD term (times its weight) add to the training loss."
+    out = {'seg': [r['train_seg'] for r in history]}
+    for name, t in zip(term_names(terms), terms):
+        if f'train_{name}' in history[0]: out[f'{t.weight:g} × {name}'] = [t.weight * r[f'train_{name}'] for r in history]
+    return out
+
+def history_figure(history: list[dict], # the per-epoch rows of a run
+                   title: str, # what was trained, e.g. 'teacher (resnet101)'
+                   terms: list[DistillTerm] = (), # the KD terms of a distillation run (none: plain segmentation)
+                  ):
+    "Training loss (KD terms weighted as in the loss) and validation scores per epoch, in one titled figure."
     import matplotlib; matplotlib.use('Agg', force=False); import matplotlib.pyplot as plt
-    ep = [r['epoch'] for r in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
-    for k in [k for k in history[0] if k.startswith('train_')]: a.plot(ep, [r[k] for r in history], label=k[6:])
-    for k in ('val_dice', 'val_jaccard', 'val_thresholded_jaccard'): b.plot(ep, [r[k] for r in history], label=k[4:])
-    a.set(xlabel='epoch', title='training loss'); b.set(xlabel='epoch', title='validation', ylim=(0, 1))
-    a.legend(fontsize=7); b.legend(fontsize=7); fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+    ep, fig = [r['epoch'] for r in history], plt.figure(figsize=(10, 3.8))
+    a, b = fig.subplots(1, 2)
+    a.plot(ep, [r['train_loss'] for r in history], 'k-', lw=2, marker='o', ms=3, label='total' if terms else 'total (= segmentation loss)')
+    for name, values in (term_contributions(history, terms).items() if terms else ()): a.plot(ep, values, marker='o', ms=3, label=name)
+    for k in ('val_dice', 'val_jaccard', 'val_thresholded_jaccard'): b.plot(ep, [r[k] for r in history], marker='o', ms=3, label=k[4:])
+    best = max(history, key=lambda r: r['val_dice'])
+    b.axvline(best['epoch'], color='grey', ls=':', label=f"best Dice {best['val_dice']:.3f} (epoch {best['epoch']})")
+    a.set(xlabel='epoch', ylabel='loss (mean over the epoch)', title='training loss' + (', KD terms × their weights' if terms else ''))
+    b.set(xlabel='epoch', ylabel='score', title='validation', ylim=(0, 1))
+    for ax in (a, b): ax.legend(fontsize=8); ax.grid(alpha=0.3)
+    fig.suptitle(title); fig.tight_layout()
+    return fig
 
 # %% ../nbs/06_learner.ipynb #56ced769
+RUN_TITLES = {'teacher': 'teacher', 'raw': 'raw student', 'distill': 'distilled student'}
+
 class Learner:
     "Train `model` on `task` with its stage's recipe (`cfg.train`, teacher overrides applied), writing a run folder."
     def __init__(self, model: nn.Module, task, loaders: dict, cfg: Config, model_cfg: ModelConfig,
@@ -184,6 +209,8 @@ class Learner:
             raise SkinkdError(f'the training split has fewer images per process than {key} ({self.tc.batch_size}); '
                               f'lower {key} or add data')
 
+    @property
+    def title(self) -> str: return f"{RUN_TITLES.get(self.mode, self.mode)} ({self.model_cfg.backbone})"
     @property
     def batches_per_epoch(self) -> int: return min(len(self.loaders['train']), self.tc.limit_train_batches or 10**12)
     @property
@@ -273,9 +300,11 @@ def end_epoch(self: Learner, train: dict, val: dict, seconds: float):
     improved = val['dice'] > self.best
     self.best, self.bad_epochs = (float(val['dice']), 0) if improved else (self.best, self.bad_epochs + 1)
     if not is_main(): return
-    last = self.save('last.pt', val)
-    if improved: atomic_copy(last, last.with_name('best.pt'))
-    write_history(self.history, self.run_dir / 'metrics.csv'); plot_history(self.history, self.run_dir / 'training_curves.png')
+    self.save('last.pt', val)
+    if improved: self.save_best(val)
+    write_history(self.history, self.run_dir / 'metrics.csv')
+    save_figure(history_figure(self.history, self.title, self.cfg.distill.terms if self.mode == 'distill' else ()),
+                self.run_dir / 'training_curves.png')
     tqdm.write(f"{self.mode} epoch {self.epoch}/{self.tc.epochs}: loss {row.get('train_loss', float('nan')):.4f} "
                f"val dice {val['dice']:.4f} jaccard {val['jaccard']:.4f} ({seconds:.1f}s)")
 
@@ -289,6 +318,13 @@ def save(self: Learner, name: str, metrics: dict) -> Path:
     return save_checkpoint(self.run_dir / 'checkpoints' / name, unwrap(self.model), self.model_cfg, self.role,
                            epoch=self.epoch, optimizer=self.opt, scheduler=self.sched, scaler=self.scaler,
                            metrics={k: float(v) for k, v in metrics.items()}, extra=extra)
+
+@patch
+def save_best(self: Learner, metrics: dict) -> Path:
+    "Write `best.pt`: the weights and what using them needs (config, preprocessing, metrics), no optimizer state."
+    return save_checkpoint(self.run_dir / 'checkpoints' / 'best.pt', unwrap(self.model), self.model_cfg, self.role,
+                           epoch=self.epoch, metrics={k: float(v) for k, v in metrics.items()},
+                           extra=dict(mode=self.mode, config=asdict(self.cfg)), preprocessing=preprocessing(self.cfg))
 
 def resume_conflicts(ck: dict, cfg: Config, model_cfg: ModelConfig) -> list[str]:
     "The settings a checkpoint cannot be resumed under: architecture, optimiser, precision, KD terms, batch geometry."
@@ -308,6 +344,8 @@ def resume(self: Learner):
     if not path.is_file():
         raise SkinkdError(f'cannot resume: no checkpoint at {path}; point --out at the run folder to continue, or drop train.resume')
     ck = load_checkpoint(path); extra = ck['extra']
+    if not is_resumable(ck):
+        raise SkinkdError(f'cannot resume from {path}: it holds weights only (a best.pt); resume needs the last.pt a run writes')
     if extra.get('mode') != self.mode:
         raise SkinkdError(f"cannot resume: {path} is a '{extra.get('mode')}' run, not '{self.mode}'; use another --out")
     changed = resume_conflicts(ck, self.cfg, self.model_cfg)

@@ -25,13 +25,14 @@ from . import __version__
 from .config import BACKBONES, ConfigError, ModelConfig, SkinkdError, atomic_write, cli_main, from_dict
 
 # %% auto #0
-__all__ = ['IMAGENET_WEIGHTS', 'CHECKPOINT_KEYS', 'ROLES', 'dilate_stage', 'stage_rates', 'ResNetBackbone', 'PretrainedError',
-           'imagenet_state_dict', 'state_mismatch', 'read_state_dict', 'load_backbone_weights', 'aspp_rates',
-           'AtrousConv2d', 'conv_bn_relu', 'ImagePooling', 'ASPP', 'Decoder', 'DeepLabV3Plus', 'build_model',
-           'count_params', 'count_macs', 'CheckpointError', 'to_loadable', 'atomic_save', 'unwrap', 'save_checkpoint',
-           'load_checkpoint', 'describe_model_config', 'load_weights', 'load_model', 'fold_batchnorm', 'freeze_for_cpu',
-           'CompiledForInference', 'compile_for_inference', 'prepare_for_inference', 'prepare_for_training',
-           'example_input', 'export_model', 'run_exported', 'export_checkpoint', 'export_cli']
+__all__ = ['IMAGENET_WEIGHTS', 'CHECKPOINT_KEYS', 'RESUME_KEYS', 'OPTIONAL_KEYS', 'ROLES', 'dilate_stage', 'stage_rates',
+           'ResNetBackbone', 'PretrainedError', 'imagenet_state_dict', 'state_mismatch', 'read_state_dict',
+           'load_backbone_weights', 'aspp_rates', 'AtrousConv2d', 'conv_bn_relu', 'ImagePooling', 'ASPP', 'Decoder',
+           'DeepLabV3Plus', 'build_model', 'count_params', 'count_macs', 'CheckpointError', 'to_loadable',
+           'atomic_save', 'unwrap', 'save_checkpoint', 'is_resumable', 'load_checkpoint', 'describe_model_config',
+           'load_weights', 'load_model', 'fold_batchnorm', 'freeze_for_cpu', 'CompiledForInference',
+           'compile_for_inference', 'prepare_for_inference', 'prepare_for_training', 'example_input', 'export_model',
+           'run_exported', 'export_checkpoint', 'export_cli']
 
 # %% ../nbs/03_models.ipynb #8cd709b6
 def dilate_stage(stage: nn.Sequential, # a ResNet stage (layer3 or layer4)
@@ -266,8 +267,9 @@ def count_macs(model: nn.Module, size: int = 256) -> int:
 class CheckpointError(SkinkdError):
     "A checkpoint file that is missing, unreadable, not from skinkd, or does not fit the model."
 
-CHECKPOINT_KEYS = ('skinkd_version', 'role', 'model_config', 'model', 'epoch', 'optimizer', 'scheduler', 'scaler',
-                   'metrics', 'extra')
+CHECKPOINT_KEYS = ('skinkd_version', 'role', 'model_config', 'model')  # what every checkpoint holds
+RESUME_KEYS = ('optimizer', 'scheduler', 'scaler')  # only in resumable checkpoints (last.pt)
+OPTIONAL_KEYS = dict(epoch=0, metrics={}, extra={}, preprocessing=None)  # missing from older or hand-made files
 ROLES = ('teacher', 'student')
 _PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 
@@ -300,16 +302,21 @@ def _state(obj):
     return None if obj is None else obj.state_dict()
 
 def save_checkpoint(path: str | Path, model: nn.Module, model_cfg: ModelConfig, role: str, # 'teacher' or 'student'
-                    epoch: int = 0, optimizer=None, scheduler=None, scaler=None,
+                    epoch: int = 0, optimizer=None, scheduler=None, scaler=None, # given: a resumable checkpoint
                     metrics: dict | None = None, # e.g. {'val_dice': 0.87}
-                    extra: dict | None = None, # any other state to resume (RNG states, early stopping...)
+                    extra: dict | None = None, # any other state (run mode, RNG states, early stopping...)
+                    preprocessing: dict | None = None, # how inputs must be prepared (`skinkd.data.preprocessing`)
                    ) -> Path:
-    "Write a skinkd checkpoint atomically; everything in it loads back with weights_only=True."
+    "Write a skinkd checkpoint atomically; without an optimizer it holds weights and metadata only."
     if role not in ROLES: raise ValueError(f'role must be one of {ROLES}, got {role!r}')
     ckpt = dict(skinkd_version=__version__, role=role, model_config=asdict(model_cfg), model=unwrap(model).state_dict(),
-                epoch=int(epoch), optimizer=_state(optimizer), scheduler=_state(scheduler), scaler=_state(scaler),
-                metrics=dict(metrics or {}), extra=dict(extra or {}))
+                epoch=int(epoch), metrics=dict(metrics or {}), extra=dict(extra or {}), preprocessing=preprocessing)
+    if optimizer is not None: ckpt.update(optimizer=_state(optimizer), scheduler=_state(scheduler), scaler=_state(scaler))
     return atomic_save(to_loadable(ckpt), path)
+
+def is_resumable(ckpt: dict) -> bool:
+    "Whether a loaded checkpoint holds the optimizer state that resuming needs (last.pt does, best.pt does not)."
+    return ckpt.get('optimizer') is not None
 
 # %% ../nbs/03_models.ipynb #2f80b63a
 def _unreadable(path: Path, e: Exception) -> str:
@@ -332,7 +339,7 @@ def _validate(ckpt, path: Path) -> dict:
     try: from_dict(ModelConfig, ckpt['model_config'], 'model_config')
     except ConfigError as e: raise CheckpointError(f'checkpoint {path} has a bad model config: {e}') from None
     if ckpt['role'] not in ROLES: raise CheckpointError(f"checkpoint {path} has role {ckpt['role']!r}; expected one of {ROLES}")
-    return ckpt
+    return {**OPTIONAL_KEYS, **ckpt}
 
 def load_checkpoint(path: str | Path, map_location='cpu') -> dict:
     "Read and validate a skinkd checkpoint with `torch.load(weights_only=True)`."

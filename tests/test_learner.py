@@ -87,6 +87,12 @@ def test_existing_run_is_never_overwritten_and_resume_checks_settings(tmp_path):
         learner(tmp_path, sets=['train.epochs=2']).fit()
     with pytest.raises(SkinkdError, match=r'changed since it was written: train.optimizer, train.batch_size'):
         learner(tmp_path, sets=['train.epochs=2', 'train.resume=true', 'train.optimizer=adamw', 'train.batch_size=4']).fit()
+    ckpts = tmp_path / 'run' / 'checkpoints'
+    full = (ckpts / 'last.pt').read_bytes()
+    (ckpts / 'last.pt').write_bytes((ckpts / 'best.pt').read_bytes())  # a weights-only best.pt cannot resume
+    with pytest.raises(SkinkdError, match=r'holds weights only \(a best.pt\); resume needs the last.pt'):
+        learner(tmp_path, sets=['train.epochs=2', 'train.resume=true']).fit()
+    (ckpts / 'last.pt').write_bytes(full)
     resumed = learner(tmp_path, sets=['train.epochs=2', 'train.resume=true'])
     resumed.fit()
     assert [r['epoch'] for r in resumed.history] == [1, 2]

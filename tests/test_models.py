@@ -15,7 +15,8 @@ from torch import nn
 from skinkd.config import ModelConfig
 from skinkd.models import (AtrousConv2d, CheckpointError, DeepLabV3Plus, PretrainedError, ResNetBackbone, build_model, count_macs,
                            count_params, export_model, fold_batchnorm, load_checkpoint, load_model, load_weights,
-                           prepare_for_inference, run_exported, save_checkpoint, example_input, IMAGENET_WEIGHTS)
+                           prepare_for_inference, run_exported, save_checkpoint, example_input, IMAGENET_WEIGHTS,
+                           export_checkpoint)
 
 from conftest import with_trained_like_batchnorm
 
@@ -341,3 +342,17 @@ def test_atrous_rates_beyond_the_map_skip_only_padding(separable):
     cin, cout = rate18.in_channels, rate18.out_channels // rate18.groups  # MACs: 8 of 9 taps skipped on a 16x16 map
     assert count_macs(full.eval(), 256) - count_macs(ours.eval(), 256) == 8 * cin * cout * 16 * 16
     assert count_macs(full.eval(), 320) == count_macs(ours.eval(), 320)  # a 20x20 map: every rate fits, nothing skipped
+
+
+def test_weights_only_checkpoint_exports_and_old_full_checkpoints_still_load(tmp_path, student_ckpt):
+    "best.pt as runs now write it (no optimizer state) exports like the full checkpoints older runs left as best.pt."
+    pytest.importorskip('onnxruntime', reason='onnxruntime is optional')
+    full, m, cfg = student_ckpt
+    best = save_checkpoint(tmp_path / 'best.pt', m, cfg, 'student', epoch=4, metrics={'dice': 0.75}, extra={'mode': 'raw'},
+                           preprocessing={'image_size': 32})
+    stored = torch.load(best, weights_only=True)
+    assert not {'optimizer', 'scheduler', 'scaler'} & set(stored) and best.stat().st_size < full.stat().st_size / 1.5
+    for path in (best, full):
+        assert export_checkpoint(path, 'onnx', tmp_path / f'{path.stem}.onnx', size=32) < 1e-3
+    old = load_checkpoint(full)  # an older file: every key, and no preprocessing
+    assert old['optimizer'] is not None and old['preprocessing'] is None and load_checkpoint(best)['preprocessing'] == {'image_size': 32}

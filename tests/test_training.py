@@ -60,6 +60,8 @@ def test_teacher_cli_writes_a_complete_run_folder(teacher):
     rows = (out / 'metrics.csv').read_text().strip().splitlines()
     assert rows[0].startswith('epoch,') and 'val_dice' in rows[0] and len(rows) == 3
     assert (out / 'training_curves.png').stat().st_size > 1000
+    best, last = ((out / 'checkpoints' / f).stat().st_size for f in ('best.pt', 'last.pt'))
+    assert best < last / 2  # AdamW's two moments live only in last.pt
     cfg = load_config(out / 'config.yaml')
     assert cfg.teacher.backbone == 'resnet34' and cfg.output.run_dir == str(out)
 
@@ -89,6 +91,11 @@ def test_distill_raw_and_test_modes(data_args, teacher, tmp_path):
         assert key in metrics and key in summary
     per_image = (tmp_path / 'distill' / 'per_image.csv').read_text().strip().splitlines()
     assert len(per_image) == metrics['n_images'] + 1 and metrics['n_images'] > 0
+    assert load_config(tmp_path / 'distill' / 'test_config.yaml').output.run_dir == str(tmp_path / 'distill')
+    assert load_config(tmp_path / 'distill' / 'config.yaml').train.epochs == 2  # the training record is kept
+    # the teacher that taught and the student that was tested are weights-only best.pt files
+    assert 'optimizer' not in torch.load(tw, weights_only=True)
+    assert 'optimizer' not in torch.load(tmp_path / 'distill' / 'checkpoints' / 'best.pt', weights_only=True)
 
 
 def test_teacher_stays_frozen_during_distillation(data_args, teacher, tmp_path):
@@ -194,11 +201,25 @@ def test_torchrun_two_cpu_processes(data_args, tmp_path):
 
 def test_smoke_pipeline_through_papermill(tmp_path):
     out = tmp_path / 'pipe'
-    p = run(['skinkd_pipeline', '--config', str(REPO / 'configs' / 'demo.yaml'), '--out', str(out), '--smoke', '--quiet'],
+    p = run(['skinkd_pipeline', '--config', str(REPO / 'configs' / 'demo.yaml'), '--out', str(out), '--smoke'],
             cwd=tmp_path, timeout=1200)
+    console = p.stdout + p.stderr
+    for alarm in ('error', 'Traceback', 'KeyboardInterrupt', 'without encryption', 'Executing Cell', '0.0000 ± 0.0000'):
+        assert alarm.lower() not in console.lower(), f'{alarm!r} in the console of a successful run:\n{console}'
+    assert 'hint_decoder' not in console.split('== 08_distill-distill')[0]  # raw mode shows no KD terms
+    assert 'teacher epoch 2/2' in console and 'raw epoch 2/2' in console  # the cells' own lines are echoed live
+    assert p.stdout.splitlines()[-1].startswith('viewer: open nbs/10_viewer.ipynb') and 'finished in ' in p.stdout
     summary = json.loads((out / 'summary.json').read_text())
     assert {'teacher_val_dice', 'raw_val_dice', 'distill_val_dice', 'wall_seconds'} <= set(summary)
     names = sorted(x.name for x in (out / 'notebooks').iterdir())
     assert names == ['02_explore.ipynb', '07_train_teacher.ipynb', '08_distill-distill.ipynb', '08_distill-raw.ipynb', '09_evaluate.ipynb']
     assert load_config(out / 'distill' / 'config.yaml').train.epochs == 2
     assert (out / 'report' / 'report.md').is_file()
+    for run_dir in ('teacher', 'raw', 'distill'):  # best.pt: weights and metadata; last.pt: what resuming needs
+        best, last = (load_checkpoint(out / run_dir / 'checkpoints' / f) for f in ('best.pt', 'last.pt'))
+        assert 'optimizer' not in best and best['preprocessing']['image_size'] == summary_size(out)
+        assert last['optimizer'] is not None and best['extra']['mode'] == run_dir
+
+
+def summary_size(out):
+    return load_config(out / 'config.yaml').data.image_size
