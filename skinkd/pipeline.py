@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +18,11 @@ from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
 import skinkd
 from .data import prepare_root
-from .config import Config, SkinkdError, add_config_args, cli_main, load_config, notebook_config, save_config
+from .config import Config, SkinkdError, add_config_args, atomic_write, cli_main, load_config, notebook_config, save_config
 
 # %% auto #0
-__all__ = ['Stage', 'stages', 'notebooks_dir', 'stage_params', 'check_parameters', 'run_stage', 'summarize_run', 'run_pipeline',
-           'main']
+__all__ = ['DEMO_TAG', 'KERNEL_ARGS', 'RUN_NAMES', 'Stage', 'stages', 'notebooks_dir', 'stage_params', 'check_parameters',
+           'run_stage', 'summarize_run', 'summary_text', 'run_pipeline', 'main']
 
 # %% ../nbs/11_pipeline.ipynb #351dee7e
 @dataclass
@@ -70,14 +70,18 @@ def check_parameters(nbs: Path, plan: list[tuple[Stage, dict]]):
             raise SkinkdError(f"{stage.notebook} has no parameter(s) {', '.join(unknown)}; declared: {', '.join(declared)}")
 
 # %% ../nbs/11_pipeline.ipynb #20575e8b
+DEMO_TAG = 'demo'  # cells that demonstrate and test a chapter's functions: run when stepping through and by nbdev_test
+KERNEL_ARGS = ['--IPKernelApp.log_level=CRITICAL']  # the kernel's own housekeeping log (TCP notice, shutdown interrupt)
+
 def run_stage(stage: Stage, params: dict, nbs: Path, out: Path, log_output: bool = True) -> Path:
-    "Execute one chapter with papermill into `out/notebooks/`."
+    "Execute one chapter with papermill into `out/notebooks/`, echoing what its cells print; demo cells are skipped."
     dest = out / 'notebooks' / f'{stage.name}.ipynb'
     dest.parent.mkdir(parents=True, exist_ok=True)
     print(f'== {stage.name}', flush=True)
+    echo = dict(stdout_file=sys.stdout, stderr_file=sys.stderr) if log_output else {}
     try:
-        pm.execute_notebook(str(nbs / stage.notebook), str(dest), parameters=params, cwd=str(nbs),
-                            kernel_name='python3', log_output=log_output, progress_bar=False)
+        pm.execute_notebook(str(nbs / stage.notebook), str(dest), parameters=params, cwd=str(nbs), kernel_name='python3',
+                            progress_bar=False, skip_cells_with_tag=DEMO_TAG, extra_arguments=KERNEL_ARGS, **echo)
     except pm.PapermillExecutionError as e:
         raise SkinkdError(f'{stage.name} failed ({e.ename}: {e.evalue}); the executed notebook with the error is {dest}') from None
     except (DeadKernelError, CellTimeoutError) as e:
@@ -98,8 +102,24 @@ def summarize_run(out: Path, seconds: float) -> dict:
         metrics = json.loads(report.read_text())
         summary['test'] = {name: {k: m[k] for k in keep if k in m} for name, m in metrics['models'].items()}
         if metrics.get('verdict'): summary['verdict'] = metrics['verdict']['lines']
-    (out / 'summary.json').write_text(json.dumps(summary, indent=2))
+    atomic_write(out / 'summary.json', lambda f: f.write(json.dumps(summary, indent=2).encode()))
     return summary
+
+RUN_NAMES = {'teacher': 'teacher', 'raw': 'raw', 'distill': 'distilled'}  # run folder -> model name in the report
+
+def _cell(x, spec: str = '.4f') -> str: return '–' if x is None else format(x, spec)
+
+def summary_text(summary: dict, out: Path) -> str:
+    "The end of a run, for people: wall time, a table of the models, the verdict, and where to look next."
+    m, s = divmod(round(summary['wall_seconds']), 60)
+    rows = [f"{'model':10} {'val Dice':>9} {'test Dice':>10} {'Jaccard':>8} {'HD95 px':>8}"]
+    for run, name in RUN_NAMES.items():
+        t = summary.get('test', {}).get(name, {})
+        rows.append(f"{name:10} {_cell(summary.get(f'{run}_val_dice')):>9} {_cell(t.get('dice')):>10} "
+                    f"{_cell(t.get('jaccard')):>8} {_cell(t.get('hd95'), '.1f'):>8}")
+    return '\n'.join([f'finished in {m} min {s:02d} s: {out}', '', *rows, '', *summary.get('verdict', []), '',
+                      f"report: {out / 'report' / 'report.md'} (summary.json, figures and per-image scores beside it)",
+                      f"viewer: open nbs/10_viewer.ipynb in JupyterLab and set run_dir = '{out / 'report'}'"])
 
 # %% ../nbs/11_pipeline.ipynb #fb68cfb8
 def run_pipeline(config: str | Path, out: str | Path, overrides: list[str] = (), smoke: bool = False,
@@ -127,8 +147,6 @@ def main(argv: list[str] | None = None):
     parser.add_argument('--smoke', action='store_true', help='tiny sizes and 2 epochs (seconds to minutes)')
     parser.add_argument('--quiet', action='store_true', help="don't echo the notebooks' output")
     args = parser.parse_args(argv)
-    if not args.quiet: logging.basicConfig(level=logging.INFO, format='%(message)s')  # papermill echoes cell output here
     if not (args.config and args.out): parser.error('--config and --out are required, e.g. --config configs/demo.yaml --out runs/demo')
     summary = run_pipeline(args.config, args.out, args.overrides, args.smoke, not args.quiet)
-    print(json.dumps(summary))
-    print('\n'.join(summary.get('verdict', [])))
+    print(summary_text(summary, Path(args.out).resolve()))
