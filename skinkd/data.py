@@ -33,17 +33,18 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .config import AugmentConfig, Config, LAYOUTS, SkinkdError, atomic_write, cli_main
+from .cli import check_data_main, synth_main
+from .config import AugmentConfig, Config, LAYOUTS, SkinkdError, atomic_write
 
 # %% auto #0
-__all__ = ['SKIN_TONES', 'LESION_COLOURS', 'ISIC2018_DIRS', 'IMAGE_EXTS', 'MASK_SUFFIXES', 'ISIC_PARTS', 'SPLITS',
-           'CACHE_VERSION', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DataError', 'smooth_noise', 'synth_image',
-           'make_synthetic', 'synth_cli', 'Sample', 'detect_layout', 'scan', 'discover', 'read_groups',
-           'read_split_file', 'split_samples', 'binarize_mask', 'load_pair', 'DataReport', 'report_summary',
-           'default_workers', 'check_data', 'check_data_cli', 'usable_samples', 'mirror_pad_to_square', 'prepare_pair',
-           'restore_original', 'cache_key', 'SegCache', 'build_cache', 'denormalize', 'build_transforms',
-           'preprocessing', 'SegDataset', 'item_seed', 'EpochSampler', 'seed_worker', 'build_loader', 'DataBundle',
-           'prepare_root', 'get_data']
+__all__ = ['SKIN_TONES', 'LESION_COLOURS', 'ISIC2018_DIRS', 'synth_cli', 'IMAGE_EXTS', 'MASK_SUFFIXES', 'ISIC_PARTS', 'SPLITS',
+           'check_data_cli', 'CACHE_VERSION', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DataError', 'smooth_noise',
+           'synth_image', 'make_synthetic', 'synth_command', 'Sample', 'detect_layout', 'scan', 'discover',
+           'read_groups', 'read_split_file', 'split_samples', 'binarize_mask', 'load_pair', 'DataReport',
+           'report_summary', 'default_workers', 'check_data', 'check_data_command', 'usable_samples',
+           'mirror_pad_to_square', 'prepare_pair', 'restore_original', 'cache_key', 'SegCache', 'build_cache',
+           'denormalize', 'build_transforms', 'preprocessing', 'SegDataset', 'item_seed', 'EpochSampler', 'seed_worker',
+           'build_loader', 'DataBundle', 'prepare_root', 'get_data']
 
 # %% ../nbs/01_data.ipynb #6ef23f96
 class DataError(SkinkdError, ValueError):
@@ -243,17 +244,12 @@ def make_synthetic(root: str | Path, # output folder (ISIC 2018 layout)
     return root
 
 # %% ../nbs/01_data.ipynb #c8bb1440
-@cli_main
-def synth_cli(argv: list[str] | None = None):
-    "Command line: `skinkd_synth --out DIR --n N --size S --seed K`."
-    p = argparse.ArgumentParser(prog='skinkd_synth', description='Write synthetic dermoscopy images and masks in the ISIC 2018 layout.')
-    p.add_argument('--out', required=True, help='output folder')
-    p.add_argument('--n', type=int, default=100, help='number of images')
-    p.add_argument('--size', type=int, default=256, help='image height in pixels')
-    p.add_argument('--seed', type=int, default=0, help='generator seed')
-    a = p.parse_args(argv)
-    t0 = time.perf_counter(); make_synthetic(a.out, a.n, a.size, a.seed)
-    print(f'wrote {a.n} synthetic images ({a.size} px, seed {a.seed}) to {a.out} in {time.perf_counter() - t0:.1f} s')
+def synth_command(args: argparse.Namespace):
+    "What `skinkd_synth --out DIR --n N --size S --seed K` does (its options: `skinkd.cli`)."
+    t0 = time.perf_counter(); make_synthetic(args.out, args.n, args.size, args.seed)
+    print(f'wrote {args.n} synthetic images ({args.size} px, seed {args.seed}) to {args.out} in {time.perf_counter() - t0:.1f} s')
+
+synth_cli = synth_main  # the console script: parses in skinkd.cli, then calls synth_command
 
 # %% ../nbs/01_data.ipynb #52f57b6a
 class Sample(NamedTuple):
@@ -575,16 +571,13 @@ def check_data(root: str | Path, # dataset folder
     return r
 
 # %% ../nbs/01_data.ipynb #f5363c85
-@cli_main
-def check_data_cli(argv: list[str] | None = None):
-    "Command line: `skinkd_check_data --data DIR [--layout NAME]`."
-    p = argparse.ArgumentParser(prog='skinkd_check_data', description='Check every image/mask pair of a dataset without training.')
-    p.add_argument('--data', required=True, help='dataset folder')
-    p.add_argument('--layout', default='auto', choices=LAYOUTS, help='folder layout (default: detect)')
-    a = p.parse_args(argv)
-    r = check_data(a.data, a.layout)
+def check_data_command(args: argparse.Namespace):
+    "What `skinkd_check_data --data DIR [--layout NAME]` does: the report, and status 1 when a pair is unusable."
+    r = check_data(args.data, args.layout)
     print(r.summary())
     if not r.ok: sys.exit(1)
+
+check_data_cli = check_data_main  # the console script: parses in skinkd.cli, then calls check_data_command
 
 # %% ../nbs/01_data.ipynb #9a999cb4
 def usable_samples(r: DataReport, skip_bad: bool = False) -> list[Sample]:

@@ -15,7 +15,8 @@ from torch import nn
 
 import numpy as np
 
-from .config import (Config, DistillTerm, ModelConfig, SkinkdError, add_config_args, cli_main, config_from_args,
+from .cli import distill_main
+from .config import (Config, DistillTerm, ModelConfig, SkinkdError, config_from_args,
                            load_config, recipe_differences, save_config)
 from .learner import Learner, SegTask, default_device, is_main, save_figure, term_contributions, train_model
 from .losses import DistillationLoss, seg_loss_from_config, term_names
@@ -23,8 +24,8 @@ from .metrics import per_image_metrics
 from .models import load_model, prepare_for_inference
 
 # %% auto #0
-__all__ = ['freeze', 'load_teacher', 'DistillTask', 'student_task', 'check_baseline', 'train_student', 'test_student', 'run_mode',
-           'soft_maps', 'soft_map_figure', 'term_curves_figure', 'main']
+__all__ = ['main', 'freeze', 'load_teacher', 'DistillTask', 'student_task', 'check_baseline', 'train_student', 'test_student',
+           'run_mode', 'soft_maps', 'soft_map_figure', 'term_curves_figure', 'distill_command']
 
 # %% ../nbs/08_distill.ipynb #ff5c6ceb
 def freeze(model: nn.Module, channels_last: bool = True) -> nn.Module:
@@ -169,17 +170,11 @@ def term_curves_figure(history: list[dict], terms: list[DistillTerm], title: str
     return fig
 
 # %% ../nbs/08_distill.ipynb #4fe164ce
-@cli_main
-def main(argv: list[str] | None = None):
-    "skinkd_distill: distil the student, train the raw baseline, or test a student checkpoint."
-    parser = argparse.ArgumentParser(prog='skinkd_distill', description='Distil, train raw, or test the DeepLabV3+ student.')
-    parser.add_argument('--mode', choices=['distill', 'raw', 'test'], required=True, help='what to run')
-    parser.add_argument('--teacher_weights', help='teacher checkpoint (required by --mode distill)')
-    parser.add_argument('--student_weights', help="student checkpoint for --mode test (default: RUN/checkpoints/best.pt)")
-    parser.add_argument('--baseline', help="the raw student's run folder: refuse to train under a different recipe")
-    add_config_args(parser)
-    args = parser.parse_args(argv)
+def distill_command(args: argparse.Namespace) -> dict:
+    "What `skinkd_distill --mode distill|raw|test` does with its parsed options (`skinkd.cli`); prints the result as JSON."
     result = run_mode(config_from_args(args), args.mode, args.teacher_weights, args.student_weights, args.baseline)
     if is_main(): print(json.dumps(result))
+    return result
 
+main = distill_main  # the console script: parses in skinkd.cli, then calls distill_command
 if __name__ == '__main__' and '__file__' in globals(): main()  # python -m skinkd.distill, not this notebook

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from scipy import stats
 
-from .config import (Config, SkinkdError, add_config_args, atomic_write, cli_main, config_from_args, save_config,
-                           unique_names)
+from .cli import evaluate_main
+from .config import Config, SkinkdError, atomic_write, config_from_args, save_config, unique_names
 from .data import IMAGENET_MEAN, IMAGENET_STD, get_data
 from .learner import save_figure
 from .metrics import JACCARD_THRESHOLD, METRICS, per_image_metrics, score_at_original, summarize
@@ -27,12 +27,12 @@ from .models import compile_for_inference, count_macs, count_params, load_model,
 from .viewer import ERROR_COLORS, overlay, save_predictions
 
 # %% auto #0
-__all__ = ['MODE_NAMES', 'VERDICT_HEADS', 'TABLE_METRICS', 'ERROR_KEY', 'EvaluationError', 'predict', 'score_model',
+__all__ = ['MODE_NAMES', 'VERDICT_HEADS', 'TABLE_METRICS', 'ERROR_KEY', 'main', 'EvaluationError', 'predict', 'score_model',
            'binary_masks', 'cpu_latency', 'model_name', 'ModelResult', 'evaluate_checkpoint', 'bootstrap_ci',
            'wilcoxon_p', 'paired_comparison', 'Verdict', 'dice_verdict', 'md_table', 'results_table', 'ratio_table',
            'paired_table', 'box_plots', 'worst_cases_figure', 'Evaluation', 'pair_verdict', 'write_per_image_csv',
            'write_json', 'report_markdown', 'evaluate_checkpoints', 'viewer_metrics', 'verdict_dict', 'split_cache',
-           'evaluate_from_config', 'main']
+           'evaluate_from_config', 'evaluate_command']
 
 # %% ../nbs/09_evaluate.ipynb #a6f85d00
 class EvaluationError(SkinkdError, ValueError):
@@ -442,19 +442,15 @@ def evaluate_from_config(cfg: Config, # resolved config (paths absolute)
     return ev
 
 # %% ../nbs/09_evaluate.ipynb #9619abe2
-@cli_main
-def main(argv: list[str] | None = None):
-    "Command line: `skinkd_evaluate --weights A.pt [B.pt ...] --data DIR --out DIR [--config C] [--set k=v]`."
-    p = argparse.ArgumentParser(prog='skinkd_evaluate', description='Compare checkpoints on the test split and write a report.')
-    p.add_argument('--weights', nargs='+', required=True, help='checkpoint files (teacher, raw and distilled students, ...)')
-    p.add_argument('--data', default=None, help='dataset folder (overrides data.root)')
-    p.add_argument('--split', default='test', help='split to evaluate (default: test)')
-    p.add_argument('--latency-runs', type=int, default=3, help='timed CPU runs per model')
-    a = add_config_args(p).parse_args(argv)
-    cfg = config_from_args(a, {'data.root': a.data} if a.data else None)
-    missing = [w for w in a.weights if not Path(w).is_file()]
+def evaluate_command(args: argparse.Namespace) -> Evaluation:
+    "What `skinkd_evaluate --weights A.pt [B.pt ...]` does (options: `skinkd.cli`): evaluate, print the table and verdict."
+    cfg = config_from_args(args, {'data.root': args.data} if args.data else None)
+    missing = [w for w in args.weights if not Path(w).is_file()]
     if missing: raise EvaluationError(f"checkpoint {missing[0]} not found; pass existing .pt files to --weights")
-    ev = evaluate_from_config(cfg, a.weights, cfg.output.run_dir, a.split, a.latency_runs)
+    ev = evaluate_from_config(cfg, args.weights, cfg.output.run_dir, args.split, args.latency_runs)
     print(results_table(ev.results))
     if ev.verdict: print('\n'.join(ev.verdict.lines()))
     print(f"report: {ev.files['report']}")
+    return ev
+
+main = evaluate_main  # the console script: parses in skinkd.cli, then calls evaluate_command

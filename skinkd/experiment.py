@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import (Config, DistillTerm, SkinkdError, SMOKE_OVERRIDES, add_config_args, atomic_write, cli_main,
+from .cli import experiment_main
+from .config import (Config, DistillTerm, SkinkdError, SMOKE_OVERRIDES, atomic_write,
                            config_from_args, differences, flat_config, load_config, save_config, stage_recipe)
 from .distill import train_student
 from .evaluate import (VERDICT_HEADS, ModelResult, Verdict, dice_verdict, evaluate_checkpoint, md_table,
@@ -23,10 +24,10 @@ from .learner import is_main, save_figure
 from .teacher import train_teacher
 
 # %% auto #0
-__all__ = ['NOT_EXPERIMENT', 'NAMES', 'Run', 'ablation_variants', 'experiment_plan', 'read_done', 'train_once', 'claim_folder',
-           'gap_recovered', 'seed_table', 'pooled', 'effect_table', 'experiment_figure', 'train_models', 'score_models',
-           'summarize_experiment', 'total_train_minutes', 'report_text', 'experiment_json', 'write_report',
-           'run_experiment', 'main']
+__all__ = ['NOT_EXPERIMENT', 'NAMES', 'main', 'Run', 'ablation_variants', 'experiment_plan', 'read_done', 'train_once',
+           'claim_folder', 'gap_recovered', 'seed_table', 'pooled', 'effect_table', 'experiment_figure', 'train_models',
+           'score_models', 'summarize_experiment', 'total_train_minutes', 'report_text', 'experiment_json',
+           'write_report', 'run_experiment', 'experiment_command']
 
 # %% ../nbs/12_experiment.ipynb #f1ea2c97
 @dataclass
@@ -245,20 +246,13 @@ def run_experiment(cfg: Config, # resolved config; output.run_dir is the experim
     return write_report(out, summary, results, ids, done, seeds, variants, cfg, time.time() - start) if is_main() else {}
 
 # %% ../nbs/12_experiment.ipynb #d48e5bc1
-@cli_main
-def main(argv: list[str] | None = None):
-    "skinkd_experiment: the teacher once, raw and distilled students for every seed, a report with a verdict."
-    p = argparse.ArgumentParser(prog='skinkd_experiment', description='Does distillation pay? Seeds x (raw, distilled), with a verdict.')
-    add_config_args(p)
-    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='student seeds (default: 0 1 2)')
-    p.add_argument('--teacher_weights', help='reuse this teacher checkpoint instead of training one')
-    p.add_argument('--ablation', action='store_true', help='also distil with the logit term only and with the feature terms only')
-    p.add_argument('--smoke', action='store_true', help='the smoke preset: tiny synthetic data, 2 epochs (a minute or two)')
-    a = p.parse_args(argv)
-    if not (a.config and a.out): p.error('--config and --out are required, e.g. --config configs/demo.yaml --out runs/experiment')
-    if a.smoke: a.overrides = [*SMOKE_OVERRIDES, *a.overrides]
-    cfg = config_from_args(a)
-    record = run_experiment(cfg, a.seeds, a.teacher_weights, a.ablation)
+def experiment_command(args: argparse.Namespace) -> dict:
+    "What `skinkd_experiment --config C --seeds ... --out DIR` does (options: `skinkd.cli`); prints the verdict."
+    if args.smoke: args.overrides = [*SMOKE_OVERRIDES, *args.overrides]
+    cfg = config_from_args(args)
+    record = run_experiment(cfg, args.seeds, args.teacher_weights, args.ablation)
     if is_main(): print('\n'.join(record['verdict']['lines']) + f"\nreport: {Path(cfg.output.run_dir) / 'experiment.md'}")
+    return record
 
+main = experiment_main  # the console script: parses in skinkd.cli, then calls experiment_command
 if __name__ == '__main__' and '__file__' in globals(): main()  # python -m skinkd.experiment, not this notebook

@@ -22,17 +22,18 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import __version__
-from .config import BACKBONES, ConfigError, ModelConfig, SkinkdError, atomic_write, cli_main, from_dict
+from .cli import export_main
+from .config import BACKBONES, ConfigError, ModelConfig, SkinkdError, atomic_write, from_dict
 
 # %% auto #0
-__all__ = ['IMAGENET_WEIGHTS', 'CHECKPOINT_KEYS', 'RESUME_KEYS', 'OPTIONAL_KEYS', 'ROLES', 'dilate_stage', 'stage_rates',
-           'ResNetBackbone', 'PretrainedError', 'imagenet_state_dict', 'state_mismatch', 'read_state_dict',
-           'load_backbone_weights', 'aspp_rates', 'AtrousConv2d', 'conv_bn_relu', 'ImagePooling', 'ASPP', 'Decoder',
-           'DeepLabV3Plus', 'build_model', 'count_params', 'count_macs', 'CheckpointError', 'to_loadable',
-           'atomic_save', 'unwrap', 'save_checkpoint', 'is_resumable', 'load_checkpoint', 'describe_model_config',
-           'load_weights', 'load_model', 'fold_batchnorm', 'freeze_for_cpu', 'CompiledForInference',
-           'compile_for_inference', 'prepare_for_inference', 'prepare_for_training', 'example_input', 'export_model',
-           'run_exported', 'export_checkpoint', 'export_cli']
+__all__ = ['IMAGENET_WEIGHTS', 'CHECKPOINT_KEYS', 'RESUME_KEYS', 'OPTIONAL_KEYS', 'ROLES', 'export_cli', 'dilate_stage',
+           'stage_rates', 'ResNetBackbone', 'PretrainedError', 'imagenet_state_dict', 'state_mismatch',
+           'read_state_dict', 'load_backbone_weights', 'aspp_rates', 'AtrousConv2d', 'conv_bn_relu', 'ImagePooling',
+           'ASPP', 'Decoder', 'DeepLabV3Plus', 'build_model', 'count_params', 'count_macs', 'CheckpointError',
+           'to_loadable', 'atomic_save', 'unwrap', 'save_checkpoint', 'is_resumable', 'load_checkpoint',
+           'describe_model_config', 'load_weights', 'load_model', 'fold_batchnorm', 'freeze_for_cpu',
+           'CompiledForInference', 'compile_for_inference', 'prepare_for_inference', 'prepare_for_training',
+           'example_input', 'export_model', 'run_exported', 'export_checkpoint', 'export_command']
 
 # %% ../nbs/03_models.ipynb #8cd709b6
 def dilate_stage(stage: nn.Sequential, # a ResNet stage (layer3 or layer4)
@@ -483,17 +484,10 @@ def export_checkpoint(weights: str | Path, fmt: str, out: str | Path, size: int 
     with torch.no_grad(): ref = model(x)
     return (run_exported(path, fmt, x) - ref).abs().max().item() / max(1.0, ref.abs().max().item())
 
-@cli_main
-def export_cli(argv: list[str] | None = None):
-    "skinkd_export: export a trained checkpoint to ONNX or TorchScript and check it against eager PyTorch."
-    p = argparse.ArgumentParser(prog='skinkd_export', description='Export a skinkd checkpoint to ONNX or TorchScript.')
-    p.add_argument('--weights', required=True, help='checkpoint (.pt) written by skinkd')
-    p.add_argument('--format', required=True, choices=('onnx', 'torchscript'), help='export format')
-    p.add_argument('--out', required=True, help='output file, e.g. student.onnx')
-    p.add_argument('--size', type=int, default=256, help='side of the check input in pixels')
-    p.add_argument('--image', default=None, help='image for the check (default: a fixed pseudo-image)')
-    p.add_argument('--tol', type=float, default=1e-3, help='fail when the max abs difference exceeds this')
-    a = p.parse_args(argv)
-    diff = export_checkpoint(a.weights, a.format, a.out, a.size, a.image)
-    print(f"wrote {a.out} ({a.format}); max abs diff vs eager PyTorch on {a.image or 'a pseudo-image'} ({a.size}x{a.size}): {diff:.2e}")
-    if diff > a.tol: raise SkinkdError(f'exported model differs from eager PyTorch by {diff:.2e} > --tol {a.tol:g}')
+def export_command(args: argparse.Namespace):
+    "What `skinkd_export` does: export, check against eager PyTorch, fail when the difference exceeds `--tol`."
+    diff = export_checkpoint(args.weights, args.format, args.out, args.size, args.image)
+    print(f"wrote {args.out} ({args.format}); max abs diff vs eager PyTorch on {args.image or 'a pseudo-image'} ({args.size}x{args.size}): {diff:.2e}")
+    if diff > args.tol: raise SkinkdError(f'exported model differs from eager PyTorch by {diff:.2e} > --tol {args.tol:g}')
+
+export_cli = export_main  # the console script: parses in skinkd.cli, then calls export_command

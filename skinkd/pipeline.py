@@ -18,11 +18,12 @@ from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
 import skinkd
 from .data import prepare_root
-from .config import Config, SkinkdError, add_config_args, atomic_write, cli_main, load_config, notebook_config, save_config
+from .cli import pipeline_main
+from .config import Config, SkinkdError, atomic_write, load_config, notebook_config, save_config
 
 # %% auto #0
-__all__ = ['DEMO_TAG', 'KERNEL_ARGS', 'RUN_NAMES', 'Stage', 'stages', 'notebooks_dir', 'stage_params', 'check_parameters',
-           'run_stage', 'summarize_run', 'summary_text', 'run_pipeline', 'main']
+__all__ = ['DEMO_TAG', 'KERNEL_ARGS', 'RUN_NAMES', 'main', 'Stage', 'stages', 'notebooks_dir', 'stage_params', 'check_parameters',
+           'run_stage', 'summarize_run', 'summary_text', 'run_pipeline', 'pipeline_command']
 
 # %% ../nbs/11_pipeline.ipynb #351dee7e
 @dataclass
@@ -139,14 +140,10 @@ def run_pipeline(config: str | Path, out: str | Path, overrides: list[str] = (),
     return summarize_run(out, time.time() - start)
 
 # %% ../nbs/11_pipeline.ipynb #9f537c21
-@cli_main
-def main(argv: list[str] | None = None):
-    "skinkd_pipeline: run the whole experiment by executing the notebooks with papermill."
-    parser = argparse.ArgumentParser(prog='skinkd_pipeline', description='Run the notebooks in order with papermill.')
-    add_config_args(parser)
-    parser.add_argument('--smoke', action='store_true', help='tiny sizes and 2 epochs (seconds to minutes)')
-    parser.add_argument('--quiet', action='store_true', help="don't echo the notebooks' output")
-    args = parser.parse_args(argv)
-    if not (args.config and args.out): parser.error('--config and --out are required, e.g. --config configs/demo.yaml --out runs/demo')
+def pipeline_command(args: argparse.Namespace) -> dict:
+    "What `skinkd_pipeline --config C --out DIR` does (options: `skinkd.cli`): run the chapters, print the summary."
     summary = run_pipeline(args.config, args.out, args.overrides, args.smoke, not args.quiet)
     print(summary_text(summary, Path(args.out).resolve()))
+    return summary
+
+main = pipeline_main  # the console script: parses in skinkd.cli, then calls pipeline_command

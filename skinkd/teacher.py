@@ -9,12 +9,13 @@ import argparse
 import json
 import sys
 
-from .config import BACKBONES, Config, add_config_args, cli_main, config_from_args
+from .cli import train_teacher_main
+from .config import Config, config_from_args
 from .learner import Learner, SegTask, is_main, train_model
 from .losses import seg_loss_from_config
 
 # %% auto #0
-__all__ = ['backbone_params', 'train_teacher', 'main']
+__all__ = ['main', 'backbone_params', 'train_teacher', 'train_teacher_command']
 
 # %% ../nbs/07_train_teacher.ipynb #ede57c88
 def backbone_params(backbone: str | None) -> dict:
@@ -27,16 +28,12 @@ def train_teacher(cfg: Config) -> Learner:
     return train_model(cfg, cfg.teacher, role='teacher', mode='teacher', make_task=task)
 
 # %% ../nbs/07_train_teacher.ipynb #d48c7246
-@cli_main
-def main(argv: list[str] | None = None):
-    "skinkd_train_teacher: train the DeepLabV3+ teacher from a config."
-    parser = argparse.ArgumentParser(prog='skinkd_train_teacher', description='Train the DeepLabV3+ teacher.')
-    add_config_args(parser)
-    parser.add_argument('--backbone', choices=[*BACKBONES, 'resnet'],
-                        help="teacher encoder; 'resnet' keeps the configured depth (teacher.backbone)")
-    args = parser.parse_args(argv)
+def train_teacher_command(args: argparse.Namespace) -> Learner:
+    "What `skinkd_train_teacher` does with its parsed options (`skinkd.cli`): train, then print a JSON summary."
     cfg = config_from_args(args, backbone_params(args.backbone))
     learner = train_teacher(cfg)
     if is_main(): print(json.dumps({'run_dir': cfg.output.run_dir, 'best_val_dice': round(learner.best, 4), 'epochs': learner.epoch}))
+    return learner
 
+main = train_teacher_main  # the console script: parses in skinkd.cli, then calls train_teacher_command
 if __name__ == '__main__' and '__file__' in globals(): main()  # python -m skinkd.teacher, not this notebook

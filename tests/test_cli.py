@@ -1,6 +1,7 @@
 "Every console command answers --help: exit 0, its own name in the usage line, and its options listed."
 import configparser
 import subprocess
+import sys
 
 import pytest
 
@@ -20,3 +21,33 @@ def test_help_exits_zero_and_lists_options(name):
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith(f'usage: {name}') and '-h, --help' in p.stdout and p.stderr == ''
     assert p.stdout.count('\n  -') >= 2  # at least one option of its own besides --help
+
+
+def test_help_and_usage_errors_load_no_pytorch():
+    "Building every parser, --help and a bad flag all answer from skinkd.cli without importing torch."
+    probe = ('import sys, contextlib, io\nimport skinkd.cli as c\n'
+             'for prog in c.COMMANDS:\n'
+             '    for argv in (["--help"], ["--no-such-flag"]):\n'
+             '        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n'
+             '            try: c.launch(prog, argv)\n'
+             '            except SystemExit as e: assert e.code == (0 if argv == ["--help"] else 2), (prog, argv, e.code)\n'
+             'print(sorted(m for m in ("torch", "torchvision", "papermill") if m in sys.modules))\n')
+    p = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == '[]'
+
+
+def test_console_scripts_are_the_registered_commands():
+    "settings.ini's console scripts and skinkd.cli's commands are the same set, each pointing at its entry point."
+    from skinkd import cli
+    scripts = console_scripts()
+    assert sorted(scripts) == sorted(cli.COMMANDS)
+    for prog, target in scripts.items():
+        module, name = target.split(':')
+        assert module == 'skinkd.cli' and getattr(cli, name).__doc__.startswith(prog + ':')
+
+
+def test_usage_error_exits_2_with_one_usage_line():
+    p = subprocess.run(['skinkd_distill', '--mode', 'bogus'], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stdout == ''
+    assert p.stderr.strip().endswith("skinkd_distill: error: argument --mode: invalid choice: 'bogus' (choose from 'distill', 'raw', 'test')")
