@@ -33,11 +33,17 @@ def learner(tmp_path, n_train=5, sets=(), model=None):
     return Learner(model or tiny_net(), SegTask(SegLoss('bce')), loaders, cfg, ModelConfig(), 'student', 'raw')
 
 
+def record_gradients_at_each_step(lrn) -> list:
+    "The gradients the optimiser sees at each of its steps (a step pre-hook; opt.step itself stays untouched)."
+    seen = []
+    lrn.opt.register_step_pre_hook(lambda opt, args, kwargs: seen.append([p.grad.clone() for p in lrn.model.parameters()]))
+    return seen
+
+
+@pytest.mark.filterwarnings('error::UserWarning')  # torch warns if the scheduler steps before the optimiser
 def test_accumulation_steps_once_per_group_and_weights_a_short_last_group_fully(tmp_path):
     lrn = learner(tmp_path, n_train=5, sets=['train.accumulate=4', 'train.epochs=1'])
-    grads = []
-    step = lrn.opt.step
-    lrn.opt.step = lambda *a, **k: (grads.append([p.grad.clone() for p in lrn.model.parameters()]), step(*a, **k))[1]
+    grads = record_gradients_at_each_step(lrn)
     before = [p.detach().clone() for p in lrn.model.parameters()]
     lrn.train_epoch()
     assert len(grads) == 2 and lrn.sched.last_epoch == 2           # ceil(5 / 4) optimiser steps
@@ -49,11 +55,10 @@ def test_accumulation_steps_once_per_group_and_weights_a_short_last_group_fully(
     assert all(g.abs().sum() > 0 for g in grads[1])
 
 
+@pytest.mark.filterwarnings('error::UserWarning')
 def test_short_last_group_is_not_scaled_down(tmp_path):
     lrn = learner(tmp_path, n_train=5, sets=['train.accumulate=4', 'train.epochs=1'])
-    seen = []
-    step = lrn.opt.step
-    lrn.opt.step = lambda *a, **k: (seen.append([p.grad.clone() for p in lrn.model.parameters()]), step(*a, **k))[1]
+    seen = record_gradients_at_each_step(lrn)
     lrn.train_epoch()
     probe = tiny_net()
     for p, q in zip(probe.parameters(), lrn.model.parameters()): p.data.copy_(q.detach())

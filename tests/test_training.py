@@ -215,11 +215,9 @@ def test_smoke_pipeline_through_papermill(tmp_path):
     assert names == ['02_explore.ipynb', '07_train_teacher.ipynb', '08_distill-distill.ipynb', '08_distill-raw.ipynb', '09_evaluate.ipynb']
     assert load_config(out / 'distill' / 'config.yaml').train.epochs == 2
     assert (out / 'report' / 'report.md').is_file()
+    image_size = load_config(out / 'config.yaml').data.image_size
     for run_dir in ('teacher', 'raw', 'distill'):  # best.pt: weights and metadata; last.pt: what resuming needs
         best, last = (load_checkpoint(out / run_dir / 'checkpoints' / f) for f in ('best.pt', 'last.pt'))
-        assert 'optimizer' not in best and best['preprocessing']['image_size'] == summary_size(out)
+        assert 'optimizer' not in best and best['preprocessing']['image_size'] == image_size
         assert last['optimizer'] is not None and best['extra']['mode'] == run_dir
 
-
-def summary_size(out):
-    return load_config(out / 'config.yaml').data.image_size
