@@ -59,9 +59,9 @@ def launch(prog: str, argv: list[str] | None = None) -> Any:
     module, function = COMMANDS[prog].target.split(':')
     return getattr(importlib.import_module(module), function)(args)
 
-def entry_point(prog: str) -> Callable[[list[str] | None], Any]:
-    "The console-script function of `prog` (argv defaults to the command line)."
-    def main(argv: list[str] | None = None): return launch(prog, argv)
+def entry_point(prog: str) -> Callable[[list[str] | None], None]:
+    "The console-script function of `prog` (argv defaults to the command line); it returns None, so the exit status is 0."
+    def main(argv: list[str] | None = None): launch(prog, argv)  # console scripts sys.exit(main()): a returned dict would exit 1
     main.__name__ = main.__qualname__ = prog.removeprefix('skinkd_') + '_main'
     main.__doc__ = f'{prog}: {COMMANDS[prog].description}'
     return main

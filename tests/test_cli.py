@@ -51,3 +51,21 @@ def test_usage_error_exits_2_with_one_usage_line():
     p = subprocess.run(['skinkd_distill', '--mode', 'bogus'], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stdout == ''
     assert p.stderr.strip().endswith("skinkd_distill: error: argument --mode: invalid choice: 'bogus' (choose from 'distill', 'raw', 'test')")
+
+
+def test_a_successful_command_exits_zero(tmp_path):
+    "The console script's status is 0 after real work (sys.exit(main()) turns a returned value into status 1)."
+    p = subprocess.run(['skinkd_synth', '--out', str(tmp_path / 'syn'), '--n', '3', '--size', '32'], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stderr == '', p.stderr
+    assert p.stdout.startswith('wrote 3 synthetic images (32 px, seed 0)')
+    assert len(list((tmp_path / 'syn').rglob('*_segmentation.png'))) == 3
+
+
+def test_entry_points_exit_zero_when_the_command_returns_a_value():
+    "pip's console scripts run sys.exit(main()): an entry point must return None even when its command returns a result."
+    code = ('import sys\nfrom skinkd import cli\n'
+            "cli.command('skinkd_probe', 'Return the options.', 'builtins:vars', config=False)(lambda p: p.add_argument('--x', default='1'))\n"
+            "assert cli.launch('skinkd_probe', []) == {'x': '1'}\n"
+            "sys.exit(cli.entry_point('skinkd_probe')([]))\n")
+    p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stderr == '', p.stderr
