@@ -35,7 +35,7 @@ if [ "$before" != "$(snapshot)" ]; then
 fi
 
 step "nbdev_test: every notebook runs top to bottom"
-nbdev_test --n_workers 2 --timing
+nbdev_test --n_workers 2 --timing --do_print  # a line as each notebook starts and ends
 
 step "pytest"
 set +e
