@@ -43,8 +43,8 @@ __all__ = ['SKIN_TONES', 'LESION_COLOURS', 'ISIC2018_DIRS', 'synth_cli', 'IMAGE_
            'read_groups', 'read_split_file', 'split_samples', 'binarize_mask', 'load_pair', 'DataReport',
            'report_summary', 'default_workers', 'check_data', 'check_data_command', 'usable_samples',
            'mirror_pad_to_square', 'prepare_pair', 'restore_original', 'cache_key', 'SegCache', 'build_cache',
-           'denormalize', 'build_transforms', 'preprocessing', 'SegDataset', 'item_seed', 'EpochSampler', 'seed_worker',
-           'build_loader', 'DataBundle', 'prepare_root', 'get_data']
+           'normalize', 'denormalize', 'build_transforms', 'preprocessing', 'SegDataset', 'item_seed', 'EpochSampler',
+           'seed_worker', 'build_loader', 'DataBundle', 'prepare_root', 'get_data']
 
 # %% ../nbs/01_data.ipynb #6ef23f96
 class DataError(SkinkdError, ValueError):
@@ -701,9 +701,18 @@ def build_cache(samples: list[Sample], # usable samples (see `check_data`)
 # %% ../nbs/01_data.ipynb #02144eb9
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
+def _imagenet_stats(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "ImageNet mean and std as (3,1,1) tensors on `img`'s device."
+    return tuple(torch.tensor(v, device=img.device).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+
+def normalize(img: torch.Tensor) -> torch.Tensor:
+    "ImageNet-normalise a (...,3,H,W) float tensor in [0, 1], as the evaluation transforms do."
+    mean, std = _imagenet_stats(img)
+    return (img - mean) / std
+
 def denormalize(img: torch.Tensor) -> torch.Tensor:
     "Undo ImageNet normalisation of a (...,3,H,W) tensor, clipped to [0, 1]."
-    mean, std = (torch.tensor(v, device=img.device).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = _imagenet_stats(img)
     return (img * std + mean).clamp(0, 1)
 
 # %% ../nbs/01_data.ipynb #0f4a580c

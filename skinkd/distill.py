@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -18,8 +17,8 @@ import numpy as np
 from .cli import distill_main
 from .config import (Config, DistillTerm, ModelConfig, SkinkdError, config_from_args,
                            load_config, recipe_differences, save_config)
-from .learner import Learner, SegTask, default_device, is_main, save_figure, term_contributions, train_model
-from .losses import DistillationLoss, seg_loss_from_config, term_names
+from .learner import Learner, SegTask, default_device, is_main, term_contributions, train_model
+from .losses import DistillationLoss, seg_loss_from_config
 from .metrics import per_image_metrics
 from .models import load_model, prepare_for_inference
 

@@ -20,9 +20,10 @@ from scipy import stats
 
 from .cli import evaluate_main
 from .config import Config, SkinkdError, atomic_write, config_from_args, save_config, unique_names
-from .data import IMAGENET_MEAN, IMAGENET_STD, get_data
+from .data import get_data
+from .data import normalize as imagenet_normalize  # `normalize` is a flag here
 from .learner import save_figure
-from .metrics import JACCARD_THRESHOLD, METRICS, per_image_metrics, score_at_original, summarize
+from .metrics import JACCARD_THRESHOLD, METRICS, per_image_metrics, probs_to_mask, score_at_original, summarize
 from .models import compile_for_inference, count_macs, count_params, load_model, prepare_for_inference
 from .viewer import ERROR_COLORS, overlay, save_predictions
 
@@ -43,7 +44,7 @@ def _to_input(images: np.ndarray, normalize: bool = True) -> torch.Tensor:
     "A float (N,3,S,S) batch from uint8 (N,S,S,3) images, ImageNet-normalised like the evaluation transforms."
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
     if not normalize: return x
-    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return imagenet_normalize(x)
 
 def _probs(model, x: torch.Tensor) -> torch.Tensor:
     "Probabilities of one batch: sigmoid (1 channel) or softmax."
@@ -83,13 +84,12 @@ def score_model(probs: torch.Tensor, # (N,C,S,S) probabilities from `predict`
     "Per-image ISIC metrics and HD95 as float64 numpy arrays."
     if original_resolution: m = score_at_original(probs, cache, indices, threshold)
     else:
-        pred = probs[:, 0] > threshold if probs.shape[1] == 1 else probs.argmax(1) != 0
-        m = per_image_metrics(pred, torch.from_numpy(np.asarray(cache.masks[list(indices)]) > 0))
+        m = per_image_metrics(probs_to_mask(probs, threshold), torch.from_numpy(np.asarray(cache.masks[list(indices)]) > 0))
     return {k: v.numpy().astype(np.float64) for k, v in m.items()}
 
 def binary_masks(probs: torch.Tensor, threshold: float = 0.5) -> np.ndarray:
     "Working-size (N,S,S) uint8 {0,1} masks from probabilities."
-    return (probs[:, 0] > threshold if probs.shape[1] == 1 else probs.argmax(1) != 0).numpy().astype(np.uint8)
+    return probs_to_mask(probs, threshold).numpy().astype(np.uint8)
 
 # %% ../nbs/09_evaluate.ipynb #4b32d1d5
 @torch.no_grad()

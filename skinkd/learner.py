@@ -9,7 +9,6 @@ import contextlib
 import csv
 import io
 import math
-import shutil
 import os
 import random
 import time

@@ -10,13 +10,12 @@ import functools
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['JACCARD_THRESHOLD', 'METRICS', 'as_binary', 'predict_mask', 'confusion', 'per_image_metrics', 'hd95', 'summarize',
-           'MetricAccumulator', 'score_at_original']
+__all__ = ['JACCARD_THRESHOLD', 'METRICS', 'as_binary', 'probs_to_mask', 'predict_mask', 'confusion', 'per_image_metrics', 'hd95',
+           'summarize', 'MetricAccumulator', 'score_at_original']
 
 # %% ../nbs/05_metrics.ipynb #c02b83ea
 def as_binary(mask: Tensor) -> Tensor:
@@ -28,12 +27,17 @@ def as_binary(mask: Tensor) -> Tensor:
         raise ValueError('masks must be boolean or {0, 1}; threshold probabilities first (predict_mask or probs > t)')
     return mask.bool()
 
+def probs_to_mask(probs: Tensor, # (N, C, H, W) probabilities (sigmoid for C == 1, softmax otherwise)
+                  threshold: float = 0.5, # probability threshold for a one-channel head
+                 ) -> Tensor:
+    "Binary (N, H, W) lesion masks: probability > threshold (C == 1), argmax != 0 (C > 1)."
+    return probs[:, 0] > threshold if probs.shape[1] == 1 else probs.argmax(1) != 0
+
 def predict_mask(logits: Tensor, # (N, C, H, W) logits
                  threshold: float = 0.5, # probability threshold for a one-channel head
                 ) -> Tensor:
-    "Binary (N, H, W) lesion masks: sigmoid > threshold (C == 1), argmax != 0 (C > 1)."
-    if logits.shape[1] == 1: return torch.sigmoid(logits[:, 0].float()) > threshold
-    return logits.argmax(1) != 0
+    "Binary (N, H, W) lesion masks from logits (softmax keeps the argmax, so C > 1 needs none)."
+    return probs_to_mask(torch.sigmoid(logits.float()) if logits.shape[1] == 1 else logits, threshold)
 
 # %% ../nbs/05_metrics.ipynb #2b34523b
 JACCARD_THRESHOLD = 0.65  # ISIC 2018 Task 1: Jaccard below this scores 0, and the image counts as a failure
@@ -141,7 +145,7 @@ class MetricAccumulator:
 def _restored_mask(prob: Tensor, hw: tuple[int, int], threshold: float, restore) -> Tensor:
     "A (1, H, W) binary mask from a (C, S, S) probability map restored to the original size `hw`."
     full = restore(prob.float().cpu(), hw)
-    return (full[0] > threshold if full.shape[0] == 1 else full.argmax(0) != 0)[None]
+    return probs_to_mask(full[None], threshold)
 
 def _data_restore(cache):
     "The data chapter's `restore_original`, padded or squashed as the cache was built."

@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import __version__
 from .cli import export_main
 from .config import BACKBONES, ConfigError, ModelConfig, SkinkdError, atomic_write, from_dict
+from .data import normalize
 
 # %% auto #0
 __all__ = ['IMAGENET_WEIGHTS', 'CHECKPOINT_KEYS', 'RESUME_KEYS', 'OPTIONAL_KEYS', 'ROLES', 'export_cli', 'dilate_stage',
@@ -437,7 +438,6 @@ def _require(module: str):
 
 def example_input(size: int = 256, image: str | Path | None = None) -> torch.Tensor:
     "A normalised (1, 3, size, size) input: an image file, or a fixed smooth pseudo-image."
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     if image is None:
         g = torch.Generator().manual_seed(0)
         img = F.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(size, size), mode='bicubic').clamp(0, 1)[0]
@@ -445,7 +445,7 @@ def example_input(size: int = 256, image: str | Path | None = None) -> torch.Ten
         if not Path(image).is_file(): raise SkinkdError(f'image {image} not found; pass an existing --image or leave it out')
         from PIL import Image
         img = torchvision.transforms.functional.pil_to_tensor(Image.open(image).convert('RGB').resize((size, size))) / 255
-    return ((img - mean) / std)[None]
+    return normalize(img)[None]
 
 # %% ../nbs/03_models.ipynb #53a1778e
 def export_model(model: nn.Module, fmt: str, # 'onnx' or 'torchscript'

@@ -19,7 +19,7 @@ from nbclient.exceptions import CellTimeoutError, DeadKernelError
 import skinkd
 from .data import prepare_root
 from .cli import pipeline_main
-from .config import Config, SkinkdError, atomic_write, load_config, notebook_config, save_config
+from .config import Config, SkinkdError, atomic_write, notebook_config, save_config
 
 # %% auto #0
 __all__ = ['DEMO_TAG', 'KERNEL_ARGS', 'RUN_NAMES', 'main', 'Stage', 'stages', 'notebooks_dir', 'stage_params', 'check_parameters',

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from .cli import train_teacher_main
 from .config import Config, config_from_args

@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import html
 import io
-import os
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import ipywidgets as widgets
 import numpy as np
+import torch
 from PIL import Image
 
 from .config import SkinkdError, atomic_write
+from .metrics import per_image_metrics
 
 # %% auto #0
 __all__ = ['PALETTE', 'SPARE_COLORS', 'ERROR_COLORS', 'OVERLAY_MODES', 'LOWER_IS_BETTER', 'PREDICTIONS_FORMAT', 'VIEW_MODES',
@@ -229,10 +230,9 @@ def load_predictions(path) -> dict:
 
 # %% ../nbs/10_viewer.ipynb #746cb838
 def overlap_scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    "Dice and Jaccard of two binary masks (1 when both are empty)."
-    p, t = pred > 0, truth > 0
-    inter, union = float((p & t).sum()), float((p | t).sum())
-    return dict(dice=2 * inter / (p.sum() + t.sum()) if union else 1.0, jaccard=inter / union if union else 1.0)
+    "Dice and Jaccard of two binary masks (1 when both are empty), scored by `per_image_metrics` like every other Dice."
+    m = per_image_metrics(torch.from_numpy(pred > 0)[None], torch.from_numpy(truth > 0)[None], with_hd95=False)
+    return {k: float(m[k][0]) for k in ('dice', 'jaccard')}
 
 def _ellipse(size: int, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
     "An (size,size) bool ellipse; centre and radii are fractions of the size."
