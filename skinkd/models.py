@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import warnings
 import zipfile
 from dataclasses import asdict
@@ -450,20 +449,19 @@ def example_input(size: int = 256, image: str | Path | None = None) -> torch.Ten
 # %% ../nbs/03_models.ipynb #53a1778e
 def export_model(model: nn.Module, fmt: str, # 'onnx' or 'torchscript'
                  out: str | Path, example: torch.Tensor) -> Path:
-    "Export the folded model to ONNX or TorchScript, atomically."
-    out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
-    model, tmp = prepare_for_inference(model, channels_last=fmt == 'torchscript'), out.with_name(f'.{out.name}.tmp')
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter('ignore')
-        if fmt == 'torchscript': torch.jit.trace(model, example).save(str(tmp))
-        elif fmt == 'onnx':
-            _require('onnx')
-            dyn = {0: 'batch', 2: 'height', 3: 'width'}
-            torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=17, input_names=['image'],
-                              output_names=['logits'], dynamic_axes={'image': dyn, 'logits': dyn})
-        else: raise SkinkdError(f"export format {fmt!r} is not supported; use onnx or torchscript")
-    os.replace(tmp, out)
-    return out
+    "Export the folded model to ONNX or TorchScript through `atomic_write`: a failed export leaves no file behind."
+    if fmt not in ('onnx', 'torchscript'): raise SkinkdError(f"export format {fmt!r} is not supported; use onnx or torchscript")
+    if fmt == 'onnx': _require('onnx')
+    model = prepare_for_inference(model, channels_last=fmt == 'torchscript')
+    def write(f):
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter('ignore')
+            if fmt == 'torchscript': torch.jit.save(torch.jit.trace(model, example), f)
+            else:
+                dyn = {0: 'batch', 2: 'height', 3: 'width'}
+                torch.onnx.export(model, (example,), f, dynamo=False, opset_version=17, input_names=['image'],
+                                  output_names=['logits'], dynamic_axes={'image': dyn, 'logits': dyn})
+    return atomic_write(out, write)
 
 def run_exported(path: str | Path, fmt: str, x: torch.Tensor) -> torch.Tensor:
     "Run an exported model on `x` with its own runtime."

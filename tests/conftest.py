@@ -23,3 +23,14 @@ def with_trained_like_batchnorm(model: nn.Module) -> nn.Module:
             mod.running_mean.uniform_(-0.5, 0.5); mod.running_var.uniform_(0.5, 2.0)
             mod.weight.data.uniform_(0.5, 1.5); mod.bias.data.uniform_(-0.2, 0.2)
     return model
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real, tiny file system (a 16 KiB tmpfs) that fills up on the first sizeable write; skips without mount rights."""
+    import subprocess
+    mnt = tmp_path / 'tiny-fs'; mnt.mkdir()
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=16k', 'tmpfs', str(mnt)], capture_output=True).returncode:
+        pytest.skip('mounting a tmpfs needs root (a real full disk cannot be made here)')
+    yield mnt
+    subprocess.run(['umount', str(mnt)], check=True)

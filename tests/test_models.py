@@ -356,3 +356,12 @@ def test_weights_only_checkpoint_exports_and_old_full_checkpoints_still_load(tmp
         assert export_checkpoint(path, 'onnx', tmp_path / f'{path.stem}.onnx', size=32) < 1e-3
     old = load_checkpoint(full)  # an older file: every key, and no preprocessing
     assert old['optimizer'] is not None and old['preprocessing'] is None and load_checkpoint(best)['preprocessing'] == {'image_size': 32}
+
+
+
+@pytest.mark.parametrize('fmt', ['torchscript', 'onnx'])
+def test_export_onto_a_full_disk_fails_and_leaves_no_file(full_disk, fmt):
+    model = nn.Sequential(nn.Conv2d(3, 256, 3, padding=1), nn.Conv2d(256, 1, 3, padding=1))  # ~40 KB of weights, 16 KiB of disk
+    with pytest.raises(OSError):
+        export_model(model, fmt, full_disk / 'model.bin', torch.zeros(1, 3, 8, 8))
+    assert list(full_disk.iterdir()) == []  # neither a truncated model nor its temporary file
