@@ -358,7 +358,6 @@ def test_weights_only_checkpoint_exports_and_old_full_checkpoints_still_load(tmp
     assert old['optimizer'] is not None and old['preprocessing'] is None and load_checkpoint(best)['preprocessing'] == {'image_size': 32}
 
 
-
 @pytest.mark.parametrize('fmt', ['torchscript', 'onnx'])
 def test_export_onto_a_full_disk_fails_and_leaves_no_file(full_disk, fmt):
     model = nn.Sequential(nn.Conv2d(3, 256, 3, padding=1), nn.Conv2d(256, 1, 3, padding=1))  # ~40 KB of weights, 16 KiB of disk
