@@ -103,14 +103,13 @@ def test_student(cfg: Config, student_weights: str | Path | None = None) -> dict
     "Evaluate a student checkpoint on the test split; write metrics.json and per_image.csv."
     from skinkd.evaluate import evaluate_checkpoint, split_cache, write_json, write_per_image_csv
     from skinkd.models import load_checkpoint
-    path, out, e = Path(student_weights or Path(cfg.output.run_dir) / 'checkpoints' / 'best.pt'), Path(cfg.output.run_dir), cfg.eval
+    path, out = Path(student_weights or Path(cfg.output.run_dir) / 'checkpoints' / 'best.pt'), Path(cfg.output.run_dir)
     if not path.is_file():
         raise SkinkdError(f'--mode test: no checkpoint at {path}; pass --student_weights PATH or --out a run folder with checkpoints/best.pt')
     if (role := load_checkpoint(path)['role']) != 'student':
         raise SkinkdError(f'--mode test evaluates students: {path} is a {role} checkpoint; use skinkd_evaluate for any checkpoint')
     cache = split_cache(cfg, 'test')
-    r = evaluate_checkpoint(path, cache, range(len(cache)), None, e.threshold, e.tta, e.batch_size, e.original_resolution,
-                            cfg.augment.normalize, device=default_device(), compile=e.compile)
+    r = evaluate_checkpoint(path, cache, range(len(cache)), cfg.eval, normalize=cfg.augment.normalize, device=default_device())
     summary = {**{k: round(float(v), 6) for k, v in r.summary.items()}, 'params': r.params, 'macs': r.macs,
                'cpu_latency_s': round(r.latency_s, 5), 'checkpoint': str(path)}
     save_config(cfg, out / 'test_config.yaml')  # beside the training run's config.yaml, which it must not replace

@@ -11,7 +11,7 @@ import io
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 from scipy import stats
 
 from .cli import evaluate_main
-from .config import Config, SkinkdError, atomic_write, config_from_args, save_config, unique_names
+from .config import Config, ConfigError, EvalConfig, SkinkdError, atomic_write, config_from_args, save_config, unique_names
 from .data import get_data
 from .data import normalize as imagenet_normalize  # `normalize` is a flag here
 from .learner import save_figure
@@ -29,11 +29,11 @@ from .viewer import ERROR_COLORS, overlay, save_predictions
 
 # %% auto #0
 __all__ = ['MODE_NAMES', 'VERDICT_HEADS', 'TABLE_METRICS', 'ERROR_KEY', 'main', 'EvaluationError', 'predict', 'score_model',
-           'binary_masks', 'cpu_latency', 'model_name', 'ModelResult', 'evaluate_checkpoint', 'bootstrap_ci',
-           'wilcoxon_p', 'paired_comparison', 'Verdict', 'dice_verdict', 'md_table', 'results_table', 'ratio_table',
-           'paired_table', 'box_plots', 'worst_cases_figure', 'Evaluation', 'pair_verdict', 'write_per_image_csv',
-           'write_json', 'report_markdown', 'evaluate_checkpoints', 'viewer_metrics', 'verdict_dict', 'split_cache',
-           'evaluate_from_config', 'evaluate_command']
+           'binary_masks', 'cpu_latency', 'model_name', 'ModelResult', 'eval_settings', 'evaluate_checkpoint',
+           'bootstrap_ci', 'wilcoxon_p', 'paired_comparison', 'Verdict', 'dice_verdict', 'md_table', 'results_table',
+           'ratio_table', 'paired_table', 'box_plots', 'worst_cases_figure', 'Evaluation', 'pair_verdict',
+           'write_per_image_csv', 'write_json', 'report_markdown', 'evaluate_checkpoints', 'viewer_metrics',
+           'verdict_dict', 'split_cache', 'evaluate_from_config', 'evaluate_command']
 
 # %% ../nbs/09_evaluate.ipynb #a6f85d00
 class EvaluationError(SkinkdError, ValueError):
@@ -130,18 +130,35 @@ class ModelResult:
     masks: np.ndarray = field(repr=False)  # (N,S,S) uint8 working-size predictions
     val_dice: float = math.nan  # the best validation Dice recorded in the checkpoint
 
-def evaluate_checkpoint(path, cache, indices, name: str | None = None, threshold: float = 0.5, tta: bool = False,
-                        batch_size: int = 8, original_resolution: bool = True, normalize: bool = True,
-                        latency_runs: int = 3, device='cpu', compile: bool = False) -> ModelResult:
-    "Load a checkpoint, predict the cached images at `indices`, score them and measure the model's cost."
+def eval_settings(e: EvalConfig | None = None, # the config's `eval` section (default: `EvalConfig()`)
+                  **overrides, # fields of `EvalConfig` to change, e.g. batch_size=4
+                 ) -> EvalConfig:
+    "The scoring settings: `e` with `overrides` applied; an unknown field is a `ConfigError` naming the allowed ones."
+    e = e or EvalConfig()
+    if unknown := set(overrides) - {f.name for f in fields(EvalConfig)}:
+        raise ConfigError(f"unknown evaluation setting {sorted(unknown)[0]!r}; allowed: {', '.join(f.name for f in fields(EvalConfig))}")
+    return replace(e, **overrides)
+
+def evaluate_checkpoint(path, # checkpoint file
+                        cache, # the `SegCache` the images come from
+                        indices, # cache indices of the images to score
+                        e: EvalConfig | None = None, # how to score: threshold, resolution, TTA, batch size, compile
+                        name: str | None = None, # the model's name in reports (default: from the checkpoint)
+                        normalize: bool = True, # ImageNet-normalise the images (the config's augment.normalize)
+                        latency_runs: int = 3, # timed CPU runs of one image
+                        device='cpu', # where to predict
+                        **overrides, # `EvalConfig` fields to change for this call, e.g. batch_size=4
+                       ) -> ModelResult:
+    "Load a checkpoint, predict the cached images at `indices`, score them as `e` says and measure the model's cost."
+    e = eval_settings(e, **overrides)
     model, ckpt = load_model(path)
     fast = prepare_for_inference(model)  # BatchNorm folded, channels_last
-    probs = predict(compile_for_inference(fast) if compile else fast, cache, indices, tta, batch_size, normalize, device)
-    per_image = score_model(probs, cache, indices, threshold, original_resolution)
+    probs = predict(compile_for_inference(fast) if e.compile else fast, cache, indices, e.tta, e.batch_size, normalize, device)
+    per_image = score_model(probs, cache, indices, e.threshold, e.original_resolution)
     size = int(cache.images.shape[1])
     return ModelResult(name or model_name(ckpt, path), str(path), ckpt['role'], ckpt['model_config']['backbone'], per_image,
                        summarize({k: torch.from_numpy(v) for k, v in per_image.items()}), count_params(model),
-                       count_macs(model, size), cpu_latency(fast, size, latency_runs), binary_masks(probs, threshold),
+                       count_macs(model, size), cpu_latency(fast, size, latency_runs), binary_masks(probs, e.threshold),
                        float((ckpt.get('metrics') or {}).get('dice', math.nan)))
 
 # %% ../nbs/09_evaluate.ipynb #441ce6b2
@@ -373,18 +390,22 @@ def report_markdown(ev: Evaluation, title: str = 'Evaluation report', notes: str
 def evaluate_checkpoints(paths: list, # checkpoint files
                          cache, # the `SegCache` of the evaluation split
                          out: str | Path, # output folder
-                         threshold: float = 0.5, tta: bool = False, batch_size: int = 8,
-                         original_resolution: bool = True, normalize: bool = True,
-                         latency_runs: int = 3, gallery_k: int = 6, notes: str = '', device: str | None = None,
-                         compile: bool = False) -> Evaluation:
+                         e: EvalConfig | None = None, # how to score (see `evaluate_checkpoint`)
+                         normalize: bool = True, # ImageNet-normalise the images
+                         latency_runs: int = 3, # timed CPU runs per model
+                         gallery_k: int = 6, # worst cases shown in worst_cases.png
+                         notes: str = '', # a paragraph for the report (data, split, settings)
+                         device: str | None = None, # where to predict (default: CUDA if available)
+                         **overrides, # `EvalConfig` fields to change for this call
+                        ) -> Evaluation:
     "Evaluate several checkpoints on one cached split and write report.md, metrics.json, per_image.csv, plots and predictions.npz."
     if not paths: raise EvaluationError('no checkpoints to evaluate; pass one or more --weights files')
     if len(cache) == 0: raise EvaluationError(f'the evaluation split in {cache.path} has no images; check the data split')
     out, idx = Path(out), list(range(len(cache)))
     out.mkdir(parents=True, exist_ok=True)
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    results = [evaluate_checkpoint(p, cache, idx, None, threshold, tta, batch_size, original_resolution, normalize, latency_runs,
-                                   device, compile) for p in paths]
+    e = eval_settings(e, **overrides)
+    results = [evaluate_checkpoint(p, cache, idx, e, None, normalize, latency_runs, device) for p in paths]
     for r, name in zip(results, unique_names([r.name for r in results])): r.name = name
     pair, ids = _pair(results), list(cache.ids)
     images, truth = np.asarray(cache.images), np.asarray(cache.masks)
@@ -436,8 +457,7 @@ def evaluate_from_config(cfg: Config, # resolved config (paths absolute)
     e, out = cfg.eval, Path(out or cfg.output.run_dir)
     notes = (f"Data: `{cfg.data.root}`, split `{split}`, working size {cfg.data.image_size} px; scored at the "
              f"{'original' if e.original_resolution else 'working'} resolution, threshold {e.threshold}, flip TTA {'on' if e.tta else 'off'}.")
-    ev = evaluate_checkpoints([str(p) for p in paths], cache, out, e.threshold, e.tta, e.batch_size,
-                              e.original_resolution, cfg.augment.normalize, latency_runs, notes=notes, compile=e.compile)
+    ev = evaluate_checkpoints([str(p) for p in paths], cache, out, e, cfg.augment.normalize, latency_runs, notes=notes)
     save_config(cfg, out / 'config.yaml')
     return ev
 

@@ -165,9 +165,8 @@ def train_models(cfg: Config, out: Path, plan: list[Run], teacher_weights: str |
 # %% ../nbs/12_experiment.ipynb #82df73b3
 def score_models(cfg: Config, done: dict[str, dict]) -> tuple[dict[str, ModelResult], list[str]]:
     "Score every trained model on the test split at the configured resolution; also return the test ids."
-    cache, e = split_cache(cfg, 'test'), cfg.eval
-    results = {name: evaluate_checkpoint(d['checkpoint'], cache, range(len(cache)), name, e.threshold, e.tta, e.batch_size,
-                                         e.original_resolution, cfg.augment.normalize, latency_runs=3, compile=e.compile)
+    cache = split_cache(cfg, 'test')
+    results = {name: evaluate_checkpoint(d['checkpoint'], cache, range(len(cache)), cfg.eval, name, cfg.augment.normalize)
                for name, d in done.items()}
     return results, list(cache.ids)
 
