@@ -14,6 +14,7 @@ from pathlib import Path
 import ipywidgets as widgets
 import numpy as np
 import torch
+from fastcore.basics import patch
 from PIL import Image
 
 from .config import SkinkdError, atomic_write
@@ -324,67 +325,72 @@ class MaskViewer:
         return self.widget._repr_mimebundle_(**kwargs)
 
 # %% ../nbs/10_viewer.ipynb #9ee6cd10
-class MaskViewer(MaskViewer):
-    @property
-    def current(self) -> int:
-        "Index (in the dataset) of the image on display."
-        return int(self.order[self.slider.value])
+@patch(as_prop=True)
+def current(self: MaskViewer) -> int:
+    "Index (in the dataset) of the image on display."
+    return int(self.order[self.slider.value])
 
-    @property
-    def _position(self) -> np.ndarray:
-        "Position in the current order of each dataset index."
-        pos = np.empty(len(self.order), int); pos[self.order] = np.arange(len(self.order))
-        return pos
+@patch(as_prop=True)
+def _position(self: MaskViewer) -> np.ndarray:
+    "Position in the current order of each dataset index."
+    pos = np.empty(len(self.order), int); pos[self.order] = np.arange(len(self.order))
+    return pos
 
-    def show(self, pos: int):
-        "Show the image at position `pos` of the current order."
-        if self._busy: return
-        self._busy = True
-        try: self.slider.value, self.picker.value = int(pos), self.ids[int(self.order[int(pos)])]
-        finally: self._busy = False
-        self.render()
+@patch
+def show(self: MaskViewer, pos: int):
+    "Show the image at position `pos` of the current order."
+    if self._busy: return
+    self._busy = True
+    try: self.slider.value, self.picker.value = int(pos), self.ids[int(self.order[int(pos)])]
+    finally: self._busy = False
+    self.render()
 
-    def resort(self):
-        "Order the images by the `sort_by` column (worst first if ticked) and show the first."
-        col = self.sort_by.value
-        self.order = np.arange(len(self.ids)) if col == 'dataset order' else sort_order(self.metrics[col], self.worst_first.value, lower_is_better(col))
-        self.show(0)
+@patch
+def resort(self: MaskViewer):
+    "Order the images by the `sort_by` column (worst first if ticked) and show the first."
+    col = self.sort_by.value
+    self.order = np.arange(len(self.ids)) if col == 'dataset order' else sort_order(self.metrics[col], self.worst_first.value, lower_is_better(col))
+    self.show(0)
 
 # %% ../nbs/10_viewer.ipynb #a5d8ce1b
-class MaskViewer(MaskViewer):
-    def visible_layers(self, i: int) -> dict[str, np.ndarray]:
-        "Name -> mask of the ticked layers of image `i` (layers without a mask for it are left out)."
-        get = lambda name: self.truth[i] if name == 'ground truth' else self.preds[name][i]
-        return {n: get(n) for n in self.layer_names if self.layers[n].value and get(n) is not None}
+@patch
+def visible_layers(self: MaskViewer, i: int) -> dict[str, np.ndarray]:
+    "Name -> mask of the ticked layers of image `i` (layers without a mask for it are left out)."
+    get = lambda name: self.truth[i] if name == 'ground truth' else self.preds[name][i]
+    return {n: get(n) for n in self.layer_names if self.layers[n].value and get(n) is not None}
 
-    def composite(self, i: int) -> np.ndarray:
-        "The picture of image `i` in the current mode, as an (H,W,3) uint8 array."
-        img, layers, a, mode = as_rgb(self.images[i]), self.visible_layers(i), self.alpha.value, self.mode.value
-        if mode == 'error map' and self.truth[i] is not None:
-            return overlay(img, [self.truth[i], self.preds[self.compare.value][i]], alpha=a, mode='error')
-        if mode == 'side by side':
-            return side_by_side([img] + [overlay(img, {n: m}, alpha=a) for n, m in layers.items()])
-        width = max(1, max(img.shape[:2]) // 128)
-        return overlay(img, layers, alpha=a, mode='contour' if mode == 'contour' else 'filled', width=width)
+@patch
+def composite(self: MaskViewer, i: int) -> np.ndarray:
+    "The picture of image `i` in the current mode, as an (H,W,3) uint8 array."
+    img, layers, a, mode = as_rgb(self.images[i]), self.visible_layers(i), self.alpha.value, self.mode.value
+    if mode == 'error map' and self.truth[i] is not None:
+        return overlay(img, [self.truth[i], self.preds[self.compare.value][i]], alpha=a, mode='error')
+    if mode == 'side by side':
+        return side_by_side([img] + [overlay(img, {n: m}, alpha=a) for n, m in layers.items()])
+    width = max(1, max(img.shape[:2]) // 128)
+    return overlay(img, layers, alpha=a, mode='contour' if mode == 'contour' else 'filled', width=width)
 
-    def legend_html(self) -> str:
-        "Colour keys of what the current mode draws."
-        if self.mode.value == 'error map':
-            return ''.join(_swatch(n, ERROR_COLORS[k]) for k, n in (('tp', 'true positive'), ('fp', 'false positive'), ('fn', 'false negative')))
-        return ''.join(_swatch(n, layer_color(n, i)) for i, n in enumerate(self.layer_names) if self.layers[n].value)
+@patch
+def legend_html(self: MaskViewer) -> str:
+    "Colour keys of what the current mode draws."
+    if self.mode.value == 'error map':
+        return ''.join(_swatch(n, ERROR_COLORS[k]) for k, n in (('tp', 'true positive'), ('fp', 'false positive'), ('fn', 'false negative')))
+    return ''.join(_swatch(n, layer_color(n, i)) for i, n in enumerate(self.layer_names) if self.layers[n].value)
 
-    def info_html(self, i: int) -> str:
-        "HTML beside the picture: id, position in the order, legend and the image's metrics."
-        order = 'dataset order' if self.sort_by.value == 'dataset order' else f"by {html.escape(self.sort_by.value)}, {'worst' if self.worst_first.value else 'best'} first"
-        head = f'<b>{html.escape(self.ids[i])}</b><br>position {self.slider.value} of 0–{len(self.ids) - 1} ({order})'
-        return f'<div style="padding-left:12px">{head}<br>{self.legend_html()}<br>{metrics_html({k: v[i] for k, v in self.metrics.items()})}</div>'
+@patch
+def info_html(self: MaskViewer, i: int) -> str:
+    "HTML beside the picture: id, position in the order, legend and the image's metrics."
+    order = 'dataset order' if self.sort_by.value == 'dataset order' else f"by {html.escape(self.sort_by.value)}, {'worst' if self.worst_first.value else 'best'} first"
+    head = f'<b>{html.escape(self.ids[i])}</b><br>position {self.slider.value} of 0–{len(self.ids) - 1} ({order})'
+    return f'<div style="padding-left:12px">{head}<br>{self.legend_html()}<br>{metrics_html({k: v[i] for k, v in self.metrics.items()})}</div>'
 
-    def render(self):
-        "Draw the current image into `image` (PNG bytes) and its metrics into `info`."
-        i = self.current
-        for w in self.layers.values(): w.disabled = self.mode.value == 'error map'   # the error map ignores them
-        self.compare.disabled = self.mode.value != 'error map'
-        self.image.value, self.info.value = to_png(self.composite(i)), self.info_html(i)
+@patch
+def render(self: MaskViewer):
+    "Draw the current image into `image` (PNG bytes) and its metrics into `info`."
+    i = self.current
+    for w in self.layers.values(): w.disabled = self.mode.value == 'error map'   # the error map ignores them
+    self.compare.disabled = self.mode.value != 'error map'
+    self.image.value, self.info.value = to_png(self.composite(i)), self.info_html(i)
 
 # %% ../nbs/10_viewer.ipynb #6cca462b
 class LazyImages(Sequence):
@@ -407,25 +413,24 @@ class LazyImages(Sequence):
         return a if self.kind == 'image' else (a > 127).astype(np.uint8)
 
 # %% ../nbs/10_viewer.ipynb #9cb85245
-class MaskViewer(MaskViewer):
-    @classmethod
-    def from_run(cls, run_dir, # run folder holding predictions.npz, or the file itself
-                 **kwargs, # passed on to `MaskViewer` (alpha, mode)
-                ) -> MaskViewer:
-        "A viewer of the predictions that `skinkd_evaluate` saved in a run folder."
-        p = load_predictions(run_dir)
-        return cls(p['images'], p['truth'], p['preds'], p['metrics'], p['ids'], **kwargs)
+@patch(cls_method=True)
+def from_run(cls: MaskViewer, run_dir, # run folder holding predictions.npz, or the file itself
+             **kwargs, # passed on to `MaskViewer` (alpha, mode)
+            ) -> MaskViewer:
+    "A viewer of the predictions that `skinkd_evaluate` saved in a run folder."
+    p = load_predictions(run_dir)
+    return cls(p['images'], p['truth'], p['preds'], p['metrics'], p['ids'], **kwargs)
 
-    @classmethod
-    def from_dataset(cls, root, # dataset folder (any layout `skinkd.data.discover` knows)
-                     layout: str = 'auto', # folder layout
-                     split: str | None = None, # only this official split ('train', 'val', 'test'), if any
-                     max_side: int = 512, # longest side of the displayed images
-                     **kwargs, # passed on to `MaskViewer`
-                    ) -> MaskViewer:
-        "A viewer of a dataset folder alone: its images with their ground-truth masks."
-        from skinkd.data import discover
-        samples = [s for s in discover(root, layout) if split is None or s.split == split]
-        if not samples: raise ViewerError(f'no images found in {root}' + (f" for split '{split}'" if split else '') + '; check the folder and layout')
-        truth = LazyImages([s.mask for s in samples], 'mask', max_side) if any(s.mask for s in samples) else None
-        return cls(LazyImages([s.image for s in samples], 'image', max_side), truth, ids=[s.id for s in samples], **kwargs)
+@patch(cls_method=True)
+def from_dataset(cls: MaskViewer, root, # dataset folder (any layout `skinkd.data.discover` knows)
+                 layout: str = 'auto', # folder layout
+                 split: str | None = None, # only this official split ('train', 'val', 'test'), if any
+                 max_side: int = 512, # longest side of the displayed images
+                 **kwargs, # passed on to `MaskViewer`
+                ) -> MaskViewer:
+    "A viewer of a dataset folder alone: its images with their ground-truth masks."
+    from skinkd.data import discover
+    samples = [s for s in discover(root, layout) if split is None or s.split == split]
+    if not samples: raise ViewerError(f'no images found in {root}' + (f" for split '{split}'" if split else '') + '; check the folder and layout')
+    truth = LazyImages([s.mask for s in samples], 'mask', max_side) if any(s.mask for s in samples) else None
+    return cls(LazyImages([s.image for s in samples], 'image', max_side), truth, ids=[s.id for s in samples], **kwargs)
