@@ -57,6 +57,7 @@ BACKBONES = ('resnet18', 'resnet34', 'resnet50', 'resnet101')
 TAPS = ('layer1', 'layer2', 'layer3', 'layer4', 'aspp', 'decoder', 'logits')
 KD_KINDS = ('logit', 'hint', 'cwd', 'affinity', 'attention')
 
+# %% ../nbs/00_config.ipynb #fcbd7cf8
 @dataclass
 class DataConfig:
     "Where the images are, and how they are split, cached and loaded."
@@ -75,6 +76,7 @@ class DataConfig:
     synthetic_n: int = opt(0, 'if > 0 and root is missing, generate this many synthetic images there', lo=0)
     synthetic_seed: int = opt(0, 'seed of the synthetic generator')
 
+# %% ../nbs/00_config.ipynb #9e15283c
 @dataclass
 class AugmentConfig:
     "Joint image/mask augmentation for training (validation and test only pad, resize and normalise)."
@@ -96,6 +98,7 @@ class AugmentConfig:
     crop_scale_min: float = opt(0.5, 'random resized crop: smallest area share', lo=0.0, hi=1.0, lo_open=True)
     normalize: bool = opt(True, 'ImageNet mean/std normalisation')
 
+# %% ../nbs/00_config.ipynb #1320b3ba
 @dataclass
 class ModelConfig:
     "A DeepLabV3+ network."
@@ -106,6 +109,7 @@ class ModelConfig:
     aspp_separable: bool = opt(False, 'depthwise-separable ASPP and decoder convolutions (as in smp)')
     dropout: float = opt(0.5, 'dropout after the ASPP projection', lo=0.0, hi=1.0)
 
+# %% ../nbs/00_config.ipynb #23c62549
 @dataclass
 class Recipe:
     "The optimisation recipe: how one model is trained."
