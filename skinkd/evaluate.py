@@ -288,7 +288,7 @@ def box_plots(results: list[ModelResult], path: str | Path, metrics=('dice', 'ja
     "Box plots of per-image metrics, one panel per metric, one box per model, saved as PNG."
     import matplotlib; matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False, layout='constrained')
     for ax, k in zip(axes[0], metrics):
         ax.boxplot([r.per_image[k][np.isfinite(r.per_image[k])] for r in results])
         ax.set_xticks(range(1, len(results) + 1), [r.name for r in results])
@@ -321,7 +321,7 @@ def worst_cases_figure(images: np.ndarray, # (N,S,S,3) uint8 working-size images
     key = [Patch(color=np.array(ERROR_COLORS[c]) / 255, label=label) for c, label in ERROR_KEY.items()]
     fig.legend(handles=key, loc='lower center', ncol=3, fontsize=9, frameon=False)
     fig.suptitle(f'the {len(worst)} images where {focus.name} scores lowest (Dice)', fontsize=11)
-    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1))
+    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1 - 0.35 / fig.get_figheight()))  # room for the title and the key
     return fig, worst
 
 # %% ../nbs/09_evaluate.ipynb #fb44d7b4
