@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -34,13 +34,13 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from .cli import check_data_main, synth_main
-from .config import AugmentConfig, Config, LAYOUTS, SkinkdError, atomic_write
+from .config import AugmentConfig, Config, LAYOUTS, SkinkdError, atomic_write, did_you_mean
 
 # %% auto #0
 __all__ = ['SKIN_TONES', 'LESION_COLOURS', 'ISIC2018_DIRS', 'synth_cli', 'IMAGE_EXTS', 'MASK_SUFFIXES', 'ISIC_PARTS', 'SPLITS',
            'check_data_cli', 'CACHE_VERSION', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DataError', 'smooth_noise',
-           'synth_image', 'make_synthetic', 'synth_command', 'Sample', 'detect_layout', 'scan', 'discover',
-           'read_groups', 'read_split_file', 'split_samples', 'binarize_mask', 'load_pair', 'DataReport',
+           'synth_image', 'make_synthetic', 'synth_command', 'Sample', 'Layout', 'layout', 'detect_layout', 'scan',
+           'discover', 'read_groups', 'read_split_file', 'split_samples', 'binarize_mask', 'load_pair', 'DataReport',
            'report_summary', 'default_workers', 'check_data', 'check_data_command', 'usable_samples',
            'mirror_pad_to_square', 'prepare_pair', 'restore_original', 'cache_key', 'SegCache', 'build_cache',
            'normalize', 'denormalize', 'build_transforms', 'preprocessing', 'SegDataset', 'item_seed', 'EpochSampler',
@@ -286,6 +286,21 @@ def _pair_folder(img_dir: Path, mask_dir: Path, split: str | None) -> tuple[list
     samples = [Sample(p.stem, p, masks.pop(p.stem, None), split) for p in _image_files(img_dir)]
     return samples, sorted(masks.values())
 
+# %% ../nbs/01_data.ipynb #56002a50
+class Layout(NamedTuple):
+    "A registered dataset layout: how to recognise its folder, and how to list its samples."
+    name: str
+    detect: Callable[[Path], bool] # does `root` hold this layout?
+    scan: Callable[[Path], tuple[list, list]] # (samples, masks without an image) of `root`
+    fallback: bool = False # tried last by auto-detection (a catch-all such as 'generic')
+
+def layout(name: str, detect: Callable[[Path], bool], fallback: bool = False):
+    "Register the decorated `scan(root)` as dataset layout `name`, recognised by `detect(root)`."
+    def register(scan):
+        LAYOUTS.register(name, Layout(name, detect, scan, fallback))
+        return scan
+    return register
+
 # %% ../nbs/01_data.ipynb #0f5de7ee
 def _scan_isic(root: Path, layout: str):
     "Samples and orphan masks of an ISIC layout; parts without a ground-truth folder are skipped."
@@ -301,6 +316,13 @@ def _scan_isic(root: Path, layout: str):
                         f'{root / ISIC_PARTS[layout][0][2]}; check --data / data.root, or use --layout auto')
     return samples, orphans
 
+def _has_isic(root: Path, layout: str) -> bool:
+    "Whether `root` holds an image folder of ISIC layout `layout`."
+    return any((root / img).is_dir() for _, img, _ in ISIC_PARTS[layout])
+
+for _name in ISIC_PARTS:  # isic2016, isic2017, isic2018: one scan function, three registered layouts
+    layout(_name, detect=partial(_has_isic, layout=_name))(partial(_scan_isic, layout=_name))
+
 # %% ../nbs/01_data.ipynb #4d5484f9
 def _ph2_root(root: Path) -> Path | None:
     "The 'PH2 Dataset images' folder at or under `root`, if any."
@@ -308,6 +330,7 @@ def _ph2_root(root: Path) -> Path | None:
         if c.is_dir() and any(p.name.startswith('IMD') and p.is_dir() for p in c.iterdir()): return c
     return None
 
+@layout('ph2', detect=lambda root: _ph2_root(root) is not None)
 def _scan_ph2(root: Path):
     "Samples of the PH2 layout (one folder per case; no official split)."
     base = _ph2_root(root)
@@ -319,10 +342,11 @@ def _scan_ph2(root: Path):
         elif mask.is_file(): orphans.append(mask)
     return samples, orphans
 
+@layout('generic', detect=lambda root: (root / 'images').is_dir(), fallback=True)
 def _scan_generic(root: Path):
     "Samples of the generic layout: `images/` + `masks/` matched by stem."
     if not (root / 'images').is_dir() or not (root / 'masks').is_dir():
-        raise DataError(f'{root} needs an images/ and a masks/ folder (generic layout), or pass --layout with one of {", ".join(LAYOUTS[1:])}')
+        raise DataError(f'{root} needs an images/ and a masks/ folder (generic layout), or pass --layout with one of {", ".join(n for n in LAYOUTS if n != "generic")}')
     return _pair_folder(root / 'images', root / 'masks', None)
 
 # %% ../nbs/01_data.ipynb #8aed23d1
@@ -330,20 +354,19 @@ def detect_layout(root: str | Path) -> str:
     "The name of the layout found in `root` (isic2016/2017/2018, ph2 or generic)."
     root = Path(root)
     if not root.is_dir(): raise DataError(f'data folder {root} not found; set data.root / --data, or generate one with skinkd_synth --out {root}')
-    for name, parts in ISIC_PARTS.items():
-        if any((root / img).is_dir() for _, img, _ in parts): return name
-    if _ph2_root(root) is not None: return 'ph2'
-    if (root / 'images').is_dir(): return 'generic'
+    for entry in sorted((LAYOUTS.get(n) for n in LAYOUTS), key=lambda e: e.fallback):  # registration order, fallbacks last
+        if entry.detect(root): return entry.name
     raise DataError(f'no known dataset layout in {root}: expected ISIC 2016/2017/2018 or PH2 folders, '
                     f'or images/ + masks/ (generic); see data/README.md')
 
 def scan(root: str | Path, layout: str = 'auto') -> tuple[str, list[Sample], list[Path]]:
     "The layout name, the samples and the masks that have no image, of the dataset at `root`."
     root = Path(root)
-    if layout not in LAYOUTS: raise DataError(f"unknown layout {layout!r}; allowed: {', '.join(LAYOUTS)}")
+    if layout != 'auto' and layout not in LAYOUTS:
+        raise DataError(f"unknown layout {layout!r}: {did_you_mean(layout, LAYOUTS)}; use auto or one of {', '.join(LAYOUTS)}")
     if not root.is_dir(): raise DataError(f'data folder {root} not found; set data.root / --data, or generate one with skinkd_synth --out {root}')
     name = detect_layout(root) if layout == 'auto' else layout
-    samples, orphans = (_scan_isic(root, name) if name.startswith('isic') else _scan_ph2(root) if name == 'ph2' else _scan_generic(root))
+    samples, orphans = LAYOUTS.get(name).scan(root)
     if not samples: raise DataError(f'no images found in {root} ({name} layout); check the folder')
     return name, samples, orphans
 
