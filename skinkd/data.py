@@ -363,7 +363,7 @@ def scan(root: str | Path, layout: str = 'auto') -> tuple[str, list[Sample], lis
     "The layout name, the samples and the masks that have no image, of the dataset at `root`."
     root = Path(root)
     if layout != 'auto' and layout not in LAYOUTS:
-        raise DataError(f"unknown layout {layout!r}: {did_you_mean(layout, LAYOUTS)}; use auto or one of {', '.join(LAYOUTS)}")
+        raise DataError(f"unknown layout {layout!r} ({did_you_mean(layout, LAYOUTS)}); use auto or one of {', '.join(LAYOUTS)}")
     if not root.is_dir(): raise DataError(f'data folder {root} not found; set data.root / --data, or generate one with skinkd_synth --out {root}')
     name = detect_layout(root) if layout == 'auto' else layout
     samples, orphans = LAYOUTS.get(name).scan(root)
