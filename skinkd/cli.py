@@ -25,11 +25,11 @@ class Command:
     target: str # 'module:function' called with the parsed arguments; imported only once they parse
     add_options: Callable[[argparse.ArgumentParser], None] # adds the command's own options
     config: bool = True # takes the shared --config, --set and --out
-    needs_run: bool = False # --config and --out must both be given
+    needs_run: str = '' # an example run folder: --config and --out must both be given ('' : optional)
 
 COMMANDS: dict[str, Command] = {}
 
-def command(prog: str, description: str, target: str, config: bool = True, needs_run: bool = False):
+def command(prog: str, description: str, target: str, config: bool = True, needs_run: str = ''):
     "Register the decorated function as the options of console command `prog`."
     def register(add_options):
         COMMANDS[prog] = Command(prog, description, target, add_options, config, needs_run)
@@ -49,7 +49,7 @@ def parse(prog: str, argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if COMMANDS[prog].needs_run and not (args.config and args.out):
-        parser.error(f"--config and --out are required, e.g. --config configs/demo.yaml --out runs/{prog.removeprefix('skinkd_')}")
+        parser.error(f"--config and --out are required, e.g. --config configs/demo.yaml --out {COMMANDS[prog].needs_run}")
     return args
 
 @cli_main
@@ -107,12 +107,12 @@ def _evaluate_options(p):
     p.add_argument('--split', default='test', help='split to evaluate (default: test)')
     p.add_argument('--latency-runs', type=int, default=3, help='timed CPU runs per model')
 
-@command('skinkd_pipeline', 'Run the notebooks in order with papermill.', 'skinkd.pipeline:pipeline_command', needs_run=True)
+@command('skinkd_pipeline', 'Run the notebooks in order with papermill.', 'skinkd.pipeline:pipeline_command', needs_run='runs/demo')
 def _pipeline_options(p):
     p.add_argument('--smoke', action='store_true', help='tiny sizes and 2 epochs (seconds to minutes)')
     p.add_argument('--quiet', action='store_true', help="don't echo the notebooks' output")
 
-@command('skinkd_experiment', 'Does distillation pay? Seeds x (raw, distilled), with a verdict.', 'skinkd.experiment:experiment_command', needs_run=True)
+@command('skinkd_experiment', 'Does distillation pay? Seeds x (raw, distilled), with a verdict.', 'skinkd.experiment:experiment_command', needs_run='runs/experiment')
 def _experiment_options(p):
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='student seeds (default: 0 1 2)')
     p.add_argument('--teacher_weights', help='reuse this teacher checkpoint instead of training one')

@@ -49,12 +49,12 @@ def test_console_scripts_are_the_registered_commands():
 
 def test_usage_error_exits_2_with_one_usage_line():
     p = subprocess.run(['skinkd_distill', '--mode', 'bogus'], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and p.stdout == ''
-    assert p.stderr.strip().endswith("skinkd_distill: error: argument --mode: invalid choice: 'bogus' (choose from 'distill', 'raw', 'test')")
+    assert p.returncode == 2 and p.stdout == '' and p.stderr.count('usage: skinkd_distill') == 1
+    assert "skinkd_distill: error: argument --mode: invalid choice: 'bogus'" in p.stderr.splitlines()[-1]  # argparse's wording of the choices varies by Python
 
 
 def test_a_successful_command_exits_zero(tmp_path):
-    "The console script's status is 0 after real work (sys.exit(main()) turns a returned value into status 1)."
+    "A real console command runs end to end through skinkd.cli and exits 0 with its own output and nothing on stderr."
     p = subprocess.run(['skinkd_synth', '--out', str(tmp_path / 'syn'), '--n', '3', '--size', '32'], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stderr == '', p.stderr
     assert p.stdout.startswith('wrote 3 synthetic images (32 px, seed 0)')

@@ -3,7 +3,6 @@ import csv
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,8 +16,6 @@ from skinkd.config import AugmentConfig, load_config
 from skinkd.data import (DataError, EpochSampler, Sample, SegDataset, build_cache, build_loader, build_transforms, check_data,
                          denormalize, detect_layout, discover, get_data, make_synthetic, mirror_pad_to_square,
                          restore_original, split_samples, synth_image, usable_samples)
-
-from conftest import SHARED_DATA
 
 
 def _pair(h=24, w=32, seed=0):

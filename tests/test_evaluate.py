@@ -3,7 +3,6 @@ report, the predictions file for the viewer, and the skinkd_evaluate command."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

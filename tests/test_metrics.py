@@ -1,6 +1,5 @@
 """ISIC 2018 Task 1 metrics, HD95, summaries, the streaming accumulator and scoring at the original size (skinkd.metrics)."""
 import math
-import os
 
 import numpy as np
 import pytest
