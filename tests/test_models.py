@@ -364,3 +364,18 @@ def test_export_onto_a_full_disk_fails_and_leaves_no_file(full_disk, fmt):
     with pytest.raises(OSError):
         export_model(model, fmt, full_disk / 'model.bin', torch.zeros(1, 3, 8, 8))
     assert list(full_disk.iterdir()) == []  # neither a truncated model nor its temporary file
+
+
+@pytest.mark.parametrize('fmt', ['torchscript', 'onnx'])
+def test_export_past_a_file_size_limit_fails_and_leaves_no_file(tmp_path, fmt):
+    "The unprivileged twin of the full-disk test: RLIMIT_FSIZE makes the write itself fail (EFBIG), in a real process."
+    code = ('import resource, signal, sys, torch\nfrom torch import nn\nfrom skinkd.models import export_model\n'
+            'signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n'
+            'resource.setrlimit(resource.RLIMIT_FSIZE, (16384, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n'
+            'model = nn.Sequential(nn.Conv2d(3, 256, 3, padding=1), nn.Conv2d(256, 1, 3, padding=1))\n'
+            f'try: export_model(model, {fmt!r}, sys.argv[1], torch.zeros(1, 3, 8, 8))\n'
+            'except OSError as e: print(type(e).__name__, e.errno); sys.exit(3)\n')
+    out = tmp_path / 'out'; out.mkdir()
+    p = subprocess.run([sys.executable, '-c', code, str(out / 'model.bin')], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 3, p.stdout + p.stderr  # the export failed with an OSError, not a crash or a success
+    assert list(out.iterdir()) == []  # neither a truncated model nor its temporary file
