@@ -2,7 +2,7 @@
 
     python benchmarks/cli.py [--repeats 5]
 
-For every console script in settings.ini, the wall time of a fresh process running
+For every registered console command, the wall time of a fresh process running
 - `CMD --help` (skinkd parses in `skinkd.cli`, which loads no PyTorch), and
 - `CMD --no-such-flag` (argparse's usage error, status 2),
 against what the same answer cost before `skinkd.cli` existed: a process that imports the command's chapter
@@ -10,20 +10,11 @@ module (PyTorch, torchvision, ...) and then builds the parser. Best of `repeats`
 noise hits both alike; the ratio is eager / lazy. The target is about two seconds for help and errors.
 """
 import argparse
-import configparser
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def console_scripts() -> dict[str, str]:
-    "Command name -> 'module:function' of its entry point, as settings.ini declares them."
-    ini = configparser.ConfigParser(); ini.read(REPO / 'settings.ini')
-    lines = [l.strip() for l in ini['DEFAULT']['console_scripts'].splitlines() if l.strip()]
-    return dict(l.split('=', 1) for l in lines)
+from skinkd.cli import COMMANDS  # the registered commands (tests/test_cli.py checks they are settings.ini's scripts)
 
 
 def wall(cmd: list[str]) -> float:
@@ -43,7 +34,7 @@ def main():
     p.add_argument('--repeats', type=int, default=5, help='runs per variant (best is reported)')
     a = p.parse_args()
     print('| command | --help s | usage error s | import chapter + help s (before) | speed-up |\n|---|---|---|---|---|')
-    for prog in sorted(console_scripts()):
+    for prog in sorted(COMMANDS):
         times = {'help': [], 'error': [], 'eager': []}
         for _ in range(a.repeats):
             times['help'].append(wall([prog, '--help']))

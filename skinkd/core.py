@@ -98,10 +98,14 @@ class Registry:
         if self.home and self.home not in sys.modules: importlib.import_module(self.home)
         return tuple(self._entries)
 
+    def entries(self) -> list:
+        "The registered entries, in registration order."
+        self.names(); return list(self._entries.values())
+
     def get(self, name: str) -> Any:
         "The entry registered as `name`; `UnknownEntry` with a suggestion when there is none."
-        if name not in self.names():
-            raise UnknownEntry(f"unknown {self.kind} {name!r}: {did_you_mean(name, self.names())} (registered: {', '.join(self.names())})")
+        if name not in (names := self.names()):
+            raise UnknownEntry(f"unknown {self.kind} {name!r} ({did_you_mean(name, names)}); registered: {', '.join(names)}")
         return self._entries[name]
 
     def __contains__(self, name) -> bool: return name in self.names()

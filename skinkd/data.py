@@ -34,7 +34,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from .cli import check_data_main, synth_main
-from .config import AugmentConfig, Config, LAYOUTS, SkinkdError, atomic_write, did_you_mean
+from .config import AugmentConfig, Config, LAYOUTS, SkinkdError, atomic_write
 
 # %% auto #0
 __all__ = ['SKIN_TONES', 'LESION_COLOURS', 'ISIC2018_DIRS', 'synth_cli', 'IMAGE_EXTS', 'MASK_SUFFIXES', 'ISIC_PARTS', 'SPLITS',
@@ -354,7 +354,7 @@ def detect_layout(root: str | Path) -> str:
     "The name of the layout found in `root` (isic2016/2017/2018, ph2 or generic)."
     root = Path(root)
     if not root.is_dir(): raise DataError(f'data folder {root} not found; set data.root / --data, or generate one with skinkd_synth --out {root}')
-    for entry in sorted((LAYOUTS.get(n) for n in LAYOUTS), key=lambda e: e.fallback):  # registration order, fallbacks last
+    for entry in sorted(LAYOUTS.entries(), key=lambda e: e.fallback):  # registration order, fallbacks last
         if entry.detect(root): return entry.name
     raise DataError(f'no known dataset layout in {root}: expected ISIC 2016/2017/2018 or PH2 folders, '
                     f'or images/ + masks/ (generic); see data/README.md')
@@ -362,8 +362,7 @@ def detect_layout(root: str | Path) -> str:
 def scan(root: str | Path, layout: str = 'auto') -> tuple[str, list[Sample], list[Path]]:
     "The layout name, the samples and the masks that have no image, of the dataset at `root`."
     root = Path(root)
-    if layout != 'auto' and layout not in LAYOUTS:
-        raise DataError(f"unknown layout {layout!r} ({did_you_mean(layout, LAYOUTS)}); use auto or one of {', '.join(LAYOUTS)}")
+    if layout != 'auto': LAYOUTS.get(layout)  # an unknown name stops here, with the closest registered one
     if not root.is_dir(): raise DataError(f'data folder {root} not found; set data.root / --data, or generate one with skinkd_synth --out {root}')
     name = detect_layout(root) if layout == 'auto' else layout
     samples, orphans = LAYOUTS.get(name).scan(root)

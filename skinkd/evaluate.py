@@ -11,7 +11,7 @@ import io
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 from scipy import stats
 
 from .cli import evaluate_main
-from .config import Config, ConfigError, EvalConfig, SkinkdError, atomic_write, config_from_args, save_config, unique_names
+from .config import Config, EvalConfig, SkinkdError, atomic_write, config_from_args, from_dict, save_config, unique_names
 from .data import get_data
 from .data import normalize as imagenet_normalize  # `normalize` is a flag here
 from .learner import save_figure
@@ -133,11 +133,8 @@ class ModelResult:
 def eval_settings(e: EvalConfig | None = None, # the config's `eval` section (default: `EvalConfig()`)
                   **overrides, # fields of `EvalConfig` to change, e.g. batch_size=4
                  ) -> EvalConfig:
-    "The scoring settings: `e` with `overrides` applied; an unknown field is a `ConfigError` naming the allowed ones."
-    e = e or EvalConfig()
-    if unknown := set(overrides) - {f.name for f in fields(EvalConfig)}:
-        raise ConfigError(f"unknown evaluation setting {sorted(unknown)[0]!r}; allowed: {', '.join(f.name for f in fields(EvalConfig))}")
-    return replace(e, **overrides)
+    "The scoring settings: `e` with `overrides` applied, validated like the config's eval section (names, types, bounds)."
+    return from_dict(EvalConfig, {**asdict(e or EvalConfig()), **overrides}, 'eval') if overrides else (e or EvalConfig())
 
 def evaluate_checkpoint(path, # checkpoint file
                         cache, # the `SegCache` the images come from
