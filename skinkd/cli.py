@@ -10,11 +10,13 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .config import BACKBONES, add_config_args, cli_main
+from .config import add_config_args, cli_main
+from .core import ENCODERS, OneOf, Registry, did_you_mean
 
 # %% auto #0
 __all__ = ['COMMANDS', 'synth_main', 'check_data_main', 'export_main', 'train_teacher_main', 'distill_main', 'evaluate_main',
-           'pipeline_main', 'experiment_main', 'Command', 'command', 'build_parser', 'parse', 'launch', 'entry_point']
+           'pipeline_main', 'experiment_main', 'Command', 'command', 'build_parser', 'parse', 'launch', 'entry_point',
+           'registered']
 
 # %% ../nbs/00b_cli.ipynb #0bbdd0b4
 @dataclass(frozen=True)
@@ -66,6 +68,16 @@ def entry_point(prog: str) -> Callable[[list[str] | None], None]:
     main.__doc__ = f'{prog}: {COMMANDS[prog].description}'
     return main
 
+# %% ../nbs/00b_cli.ipynb #4c687b11
+def registered(registry: Registry, *fixed: str):
+    "An argparse `type` accepting `fixed` values and `registry`'s names, read only when a value is given."
+    def check(value: str) -> str:
+        if value in (names := OneOf(*fixed, registry=registry)): return value
+        hint = did_you_mean(value, names)
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(map(repr, names))})"
+                                         + (f'; {hint}' if hint.startswith('did') else ''))
+    return check
+
 # %% ../nbs/00b_cli.ipynb #9ddd887f
 @command('skinkd_synth', 'Write synthetic dermoscopy images and masks in the ISIC 2018 layout.', 'skinkd.data:synth_command', config=False)
 def _synth_options(p):
@@ -90,8 +102,8 @@ def _export_options(p):
 
 @command('skinkd_train_teacher', 'Train the DeepLabV3+ teacher.', 'skinkd.teacher:train_teacher_command')
 def _train_teacher_options(p):
-    p.add_argument('--backbone', choices=[*BACKBONES, 'resnet'],
-                   help="teacher encoder; 'resnet' keeps the configured depth (teacher.backbone)")
+    p.add_argument('--backbone', metavar='NAME', type=registered(ENCODERS, 'resnet'),
+                   help="teacher encoder, a registered name such as resnet101; 'resnet' keeps the configured one (teacher.backbone)")
 
 @command('skinkd_distill', 'Distil, train raw, or test the DeepLabV3+ student.', 'skinkd.distill:distill_command')
 def _distill_options(p):

@@ -7,26 +7,30 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, make_dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, NamedTuple, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
+from fastcore.docments import docments
 
-from .core import LAYOUTS, OneOf, SkinkdError, atomic_write, cli_main, did_you_mean, scratch_dir, unique_names
+from .core import ENCODERS, KD_TERMS, LAYOUTS, OneOf, SkinkdError, atomic_write, cli_main, did_you_mean, scratch_dir, unique_names
 
 _all_ = ['SkinkdError', 'atomic_write', 'cli_main', 'scratch_dir', 'unique_names']  # still importable from here, as before 00_core
 
 # %% auto #0
-__all__ = ['BACKBONES', 'TAPS', 'KD_KINDS', 'TEACHER_KEYS', 'TeacherRecipe', 'STAGES', 'NOT_RECIPE', 'PATH_KEYS',
-           'SMOKE_OVERRIDES', 'ConfigError', 'opt', 'DataConfig', 'AugmentConfig', 'ModelConfig', 'Recipe',
-           'overrides_of', 'TrainConfig', 'DistillTerm', 'DistillConfig', 'EvalConfig', 'OutputConfig', 'Config',
-           'from_dict', 'parse_override', 'read_yaml', 'load_config', 'teacher_overrides', 'stage_recipe',
-           'recipe_source', 'flat_config', 'differences', 'student_recipe', 'recipe_differences', 'resolve_paths',
-           'config_to_yaml', 'save_config', 'add_config_args', 'config_from_args', 'is_smoke', 'notebook_config',
-           'describe', 'SkinkdError', 'atomic_write', 'cli_main', 'scratch_dir', 'unique_names']
+__all__ = ['TAPS', 'TEACHER_KEYS', 'TeacherRecipe', 'BUILDER_ARGS', 'TERM_KEYS', 'OLD_TERM_DEFAULTS', 'STAGES', 'NOT_RECIPE',
+           'PATH_KEYS', 'SMOKE_OVERRIDES', 'ConfigError', 'opt', 'DataConfig', 'AugmentConfig', 'ModelConfig', 'Recipe',
+           'overrides_of', 'TrainConfig', 'TermParam', 'term_params', 'DistillTerm', 'DistillConfig', 'EvalConfig',
+           'OutputConfig', 'Config', 'from_dict', 'parse_term', 'parse_override', 'read_yaml', 'load_config',
+           'teacher_overrides', 'stage_recipe', 'recipe_source', 'flat_config', 'differences', 'student_recipe',
+           'recipe_differences', 'resolve_paths', 'plain_config', 'config_to_yaml', 'save_config', 'add_config_args',
+           'config_from_args', 'is_smoke', 'notebook_config', 'term_rows', 'describe', 'SkinkdError', 'atomic_write',
+           'cli_main', 'scratch_dir', 'unique_names']
 
 # %% ../nbs/00a_config.ipynb #17e1d70b
 class ConfigError(SkinkdError, ValueError):
@@ -47,9 +51,7 @@ def opt(default: Any, # the default value (lists and dicts are copied per instan
     return field(default=default, metadata=md)
 
 # %% ../nbs/00a_config.ipynb #be390fb4
-BACKBONES = ('resnet18', 'resnet34', 'resnet50', 'resnet101')
 TAPS = ('layer1', 'layer2', 'layer3', 'layer4', 'aspp', 'decoder', 'logits')
-KD_KINDS = ('logit', 'hint', 'cwd', 'affinity', 'attention')
 
 # %% ../nbs/00a_config.ipynb #fcbd7cf8
 @dataclass
@@ -66,6 +68,8 @@ class DataConfig:
     cache_dir: str = opt('data/cache', 'where decoded, resized arrays are cached')
     mask_resize: str = opt('nearest', 'how masks are resized', choices=('nearest', 'area'))
     num_workers: Optional[int] = opt(None, 'DataLoader workers; null: up to 4, never more than the CPUs', lo=0, hi=64)
+    labeled_fraction: float = opt(1.0, 'share of the training split that keeps its masks (a hash of the id decides); the rest is '
+                                  'unlabelled: only the distilled student sees it, through the teacher', lo=0.0, hi=1.0, lo_open=True)
     skip_bad: bool = opt(False, 'skip unusable image/mask pairs (reported) instead of stopping')
     synthetic_n: int = opt(0, 'if > 0 and root is missing, generate this many synthetic images there', lo=0)
     synthetic_seed: int = opt(0, 'seed of the synthetic generator')
@@ -96,7 +100,8 @@ class AugmentConfig:
 @dataclass
 class ModelConfig:
     "A DeepLabV3+ network."
-    backbone: str = opt('resnet18', 'ResNet depth of the encoder', choices=BACKBONES)
+    backbone: str = opt('resnet18', 'encoder: a name registered with @encoder (resnet18 ... resnet101, mobilenet_v3_large)',
+                        choices=OneOf(registry=ENCODERS))
     output_stride: int = opt(16, 'encoder output stride', choices=(8, 16))
     num_classes: int = opt(1, 'output channels (1: binary lesion mask with a sigmoid)', lo=1, hi=1000)
     pretrained: Optional[str] = opt(None, "encoder weights: null, 'imagenet', or a path to a state dict")
@@ -155,25 +160,76 @@ class TrainConfig(Recipe):
     refused: ClassVar[dict] = {k: "the raw and distilled students always share the train section, so that comparing them "
                                   "is fair; only the teacher has overrides (train.teacher)" for k in ('student', 'raw', 'distill')}
 
+# %% ../nbs/00a_config.ipynb #e099f4c7
+class TermParam(NamedTuple):
+    "One config parameter of a distillation term, as its loss class declares it."
+    type: type # bool, int, float or str, from the annotation
+    default: Any # the signature's default
+    help: str # the docments comment
+    limits: dict # bounds as in `opt`: lo, hi, lo_open, choices
+
+BUILDER_ARGS = ('self', 'student_channels', 'teacher_channels')  # filled in from the taps, never from the config
+
+def _limits(cls) -> dict:
+    "The `limits` class attributes along `cls`'s bases, the subclass winning."
+    return {k: v for c in reversed(cls.__mro__) for k, v in vars(c).get('limits', {}).items()}
+
+def term_params(cls) -> dict[str, TermParam]:
+    "A term class's config parameters: its `__init__` keywords, then its bases' where it passes `**kwargs` on."
+    out = {}
+    for klass in cls.__mro__:
+        if klass is object: break
+        if (init := vars(klass).get('__init__')) is None: continue
+        sig, hints, docs = inspect.signature(init), get_type_hints(init), docments(init)
+        for name, p in sig.parameters.items():
+            if name in BUILDER_ARGS or name in out or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL): continue
+            out[name] = TermParam(hints.get(name), p.default, docs.get(name) or '', _limits(cls).get(name, {}))
+        if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()): break
+    return out
+
 # %% ../nbs/00a_config.ipynb #b6699caa
-@dataclass
+TERM_KEYS = ('kind', 'tap', 'weight')
+
+@dataclass(init=False, eq=False)
 class DistillTerm:
-    "One distillation term between a student tap and the same teacher tap."
-    kind: str = opt('logit', 'loss family', choices=KD_KINDS)
+    "One distillation term: a registered loss `kind`, the `tap` it compares, its `weight`, and the kind's own parameters."
+    kind: str = opt('logit', 'loss family: a name registered with @kd_term (04_losses)', choices=OneOf(registry=KD_TERMS))
     tap: str = opt('logits', 'model tap it compares', choices=TAPS)
     weight: float = opt(1.0, 'weight in the total loss', lo=0.0)
-    temperature: float = opt(1.0, 'softening temperature (logit, cwd)', lo=0.0, lo_open=True)
-    normalize: bool = opt(False, 'hint: L2-normalise channels before the MSE')
-    boundary_weight: float = opt(0.0, 'extra weight on pixels near the lesion boundary (0: off)', lo=0.0)
-    boundary_width: int = opt(3, 'half-width of the boundary band in pixels', lo=1)
-    pool_size: int = opt(16, 'affinity: side of the pooled grid', lo=2)
+    params: dict = opt({}, "the kind's own parameters (in YAML they sit beside kind, tap and weight)")
 
+    def __init__(self, kind: str = 'logit', tap: str = 'logits', weight: float = 1.0, params: dict | None = None, **more):
+        self.kind, self.tap, self.weight, self.params = kind, tap, weight, {**(params or {}), **more}
+
+    def resolved(self) -> dict:
+        "Every parameter of the kind, its defaults filled in."
+        return {k: p.default for k, p in term_params(KD_TERMS.get(self.kind)).items()} | self.params
+
+    def __getattr__(self, name: str):
+        "A parameter as an attribute: `term.temperature`."
+        if name.startswith('_') or name in ('kind', 'params'): raise AttributeError(name)
+        if name not in (params := self.resolved()): raise AttributeError(f"{self.kind!r} distillation terms have no parameter {name!r}")
+        return params[name]
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, DistillTerm): return NotImplemented
+        return (self.kind, self.tap, self.weight, self.resolved()) == (other.kind, other.tap, other.weight, other.resolved())
+
+    @classmethod
+    def from_data(cls, data: Any, path: str) -> 'DistillTerm':
+        "Validate one `distill.terms` entry (see `parse_term`)."
+        return parse_term(data, path)
+
+# %% ../nbs/00a_config.ipynb #c1164193
 @dataclass
 class DistillConfig:
     "The distillation terms: the original project's feature (ASPP, decoder) plus logit distillation by default."
     terms: list[DistillTerm] = opt([DistillTerm('hint', 'aspp', 50.0, normalize=True), DistillTerm('hint', 'decoder', 50.0, normalize=True),
                                     DistillTerm('logit', 'logits', 1.0, temperature=2.0)],
                                    'distillation terms; an empty list trains without the teacher')
+    unlabeled: Optional[str] = opt(None, 'folder of images without masks that the distilled student also learns from, '
+                                         'through the teacher (a plain image folder, or a dataset folder of any layout)')
+    unlabeled_ratio: float = opt(1.0, 'unlabelled images per masked image in each distillation batch (0: none)', lo=0.0, hi=16.0)
 
 @dataclass
 class EvalConfig:
@@ -224,6 +280,7 @@ def _coerce_scalar(value, tp, path: str):
             except ValueError: pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if ok: value = float(value)
+        if ok and not math.isfinite(value): raise ConfigError(f"config key '{path}' is {value}; it must be a finite number")
     if not ok: raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}")
     return value
 
@@ -232,7 +289,9 @@ def _check_range(value, md: Mapping, path: str):
     "Check `value` against the field's choices and bounds."
     if value is None: return
     if md.get('choices') is not None and value not in md['choices']:
-        raise ConfigError(f"config key '{path}' is {value!r}; allowed: {', '.join(map(str, md['choices']))}")
+        hint = did_you_mean(value, md['choices']) if isinstance(value, str) else ''
+        raise ConfigError(f"config key '{path}' is {value!r}; allowed: {', '.join(map(str, md['choices']))}"
+                          + (f'; {hint}' if hint.startswith('did') else ''))
     lo, hi = md.get('lo'), md.get('hi')
     if lo is not None and (value < lo or (md.get('lo_open') and value == lo)):
         raise ConfigError(f"config key '{path}' is {value!r}; it must be {'>' if md.get('lo_open') else '>='} {lo}")
@@ -257,6 +316,7 @@ def from_dict(cls, data: Any, # YAML data for the dataclass `cls`
               path: str = '', # dotted path of `data` inside the whole config, for messages
              ):
     "Build and validate dataclass `cls` from plain data; missing keys take their defaults."
+    if hasattr(cls, 'from_data'): return cls.from_data(data, path)   # a section that validates itself (DistillTerm)
     if not isinstance(data, Mapping):
         raise ConfigError(f"config {'section ' + repr(path) if path else 'file'} must be a mapping of keys to values, got {type(data).__name__}")
     hints, names = get_type_hints(cls), [f.name for f in fields(cls)]
@@ -283,6 +343,32 @@ def _check_consistency(obj, path: str):
     if isinstance(obj, AugmentConfig) and obj.scale_min > obj.scale_max:
         raise ConfigError(f"config key '{_join(path, 'scale_min')}' ({obj.scale_min}) must be <= "
                           f"'{_join(path, 'scale_max')}' ({obj.scale_max})")
+
+# %% ../nbs/00a_config.ipynb #bae99c2a
+OLD_TERM_DEFAULTS = {'temperature': 1.0, 'normalize': False, 'pool_size': 16}  # what configs saved before the registry hold for every kind
+
+def _checked(value, tp, md: Mapping, path: str):
+    "`value` converted to `tp` and checked against the bounds in `md`."
+    value = _coerce(value, tp, path); _check_range(value, md, path)
+    return value
+
+def parse_term(data: Any, # one entry of `distill.terms`, as YAML data
+               path: str, # its config path, e.g. 'distill.terms[0]'
+              ) -> DistillTerm:
+    "Validate kind, tap and weight, then the kind's own parameters against its registered class; fill in defaults."
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config key '{path}' must be a mapping such as {{kind: hint, tap: aspp, weight: 1.0}}, got {data!r}")
+    data = {**(data.get('params') or {}), **{k: v for k, v in data.items() if k != 'params'}}
+    hints, md = get_type_hints(DistillTerm), {f.name: f.metadata for f in fields(DistillTerm)}
+    common = {k: _checked(data[k], hints[k], md[k], _join(path, k)) for k in TERM_KEYS if k in data}
+    kind = common.get('kind', DistillTerm().kind)
+    spec, params = term_params(KD_TERMS.get(kind)), {}
+    for key, value in ((k, v) for k, v in data.items() if k not in TERM_KEYS):
+        if key in spec: params[key] = _checked(value, spec[key].type, spec[key].limits, _join(path, key))
+        elif OLD_TERM_DEFAULTS.get(key, ...) != value:
+            raise ConfigError(f"unknown config key '{_join(path, str(key))}': {_suggest(str(key), [*TERM_KEYS, *spec])} "
+                              f"({kind!r} terms take: {', '.join([*TERM_KEYS, *spec])})")
+    return DistillTerm(**common, params={k: p.default for k, p in spec.items()} | params)
 
 # %% ../nbs/00a_config.ipynb #d3f5cc9c
 def _deep_merge(base: dict, upper: Mapping) -> dict:
@@ -399,7 +485,7 @@ def recipe_differences(a: Config, b: Config) -> list[str]:
 
 # %% ../nbs/00a_config.ipynb #f5a9ff21
 PATH_KEYS = ('data.root', 'data.split_file', 'data.groups_file', 'data.cache_dir', 'output.run_dir',
-             'teacher.pretrained', 'student.pretrained')
+             'teacher.pretrained', 'student.pretrained', 'distill.unlabeled')
 
 def resolve_paths(cfg: Config, base: str | Path = '.') -> Config:
     "A copy of `cfg` whose relative paths are made absolute against `base`."
@@ -412,9 +498,15 @@ def resolve_paths(cfg: Config, base: str | Path = '.') -> Config:
     return from_dict(Config, data)
 
 # %% ../nbs/00a_config.ipynb #442895ca
+def plain_config(cfg: Config) -> dict:
+    "The config as plain data, each term's parameters beside its kind, tap and weight (as users write them)."
+    data = asdict(cfg)
+    data['distill']['terms'] = [{k: v for k, v in t.items() if k != 'params'} | t['params'] for t in data['distill']['terms']]
+    return data
+
 def config_to_yaml(cfg: Config) -> str:
     "The config as YAML text, sections in schema order."
-    return yaml.safe_dump(asdict(cfg), sort_keys=False, default_flow_style=False)
+    return yaml.safe_dump(plain_config(cfg), sort_keys=False, default_flow_style=False)
 
 def save_config(cfg: Config, path: str | Path) -> Path:
     "Write the resolved config (atomically) so that `load_config(path) == cfg`."
@@ -460,13 +552,18 @@ def notebook_config(config_path: str | None, # YAML config
     return resolve_paths(load_config(config_path, [*extra, *overrides], params), project_root)
 
 # %% ../nbs/00a_config.ipynb #3ec3c5ab
+def term_rows() -> list[tuple[str, Any, str]]:
+    "Rows of (key, default, help) for the parameters of every registered distillation term."
+    return [(f'distill.terms[kind={kind}].{name}', p.default, p.help)
+            for kind in KD_TERMS for name, p in term_params(KD_TERMS.get(kind)).items()]
+
 def describe(obj=None, # a config or one of its sections (default: `Config()`)
              path: str = '', # dotted prefix of `obj`'s keys
             ) -> list[tuple[str, Any, str]]:
-    "Rows of (dotted key, default, help) for every config key."
+    "Rows of (dotted key, default, help) for every config key, the registered terms' parameters included."
     obj, rows = Config() if obj is None else obj, []
     for f in fields(obj):
         value = getattr(obj, f.name)
         if is_dataclass(value): rows += describe(value, _join(path, f.name))
         else: rows.append((_join(path, f.name), value, f.metadata.get('help', '')))
-    return rows
+    return rows + (term_rows() if isinstance(obj, DistillConfig) else [])

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 # %% auto #0
-__all__ = ['LAYOUTS', 'SkinkdError', 'cli_main', 'scratch_dir', 'atomic_write', 'unique_names', 'UnknownEntry', 'did_you_mean',
-           'Registry', 'OneOf']
+__all__ = ['LAYOUTS', 'KD_TERMS', 'ENCODERS', 'SkinkdError', 'cli_main', 'scratch_dir', 'atomic_write', 'unique_names',
+           'UnknownEntry', 'did_you_mean', 'Registry', 'OneOf']
 
 # %% ../nbs/00_core.ipynb #1d46c2c4
 class SkinkdError(Exception):
@@ -122,3 +122,5 @@ class OneOf:
 
 # %% ../nbs/00_core.ipynb #4d7703a1
 LAYOUTS = Registry('dataset layout', home='skinkd.data')  # filled by @layout in 01_data
+KD_TERMS = Registry('distillation term', home='skinkd.losses')  # filled by @kd_term in 04_losses
+ENCODERS = Registry('encoder', home='skinkd.models')  # filled by @encoder in 03_models

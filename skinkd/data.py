@@ -40,11 +40,12 @@ from .config import AugmentConfig, Config, LAYOUTS, SkinkdError, atomic_write
 __all__ = ['SKIN_TONES', 'LESION_COLOURS', 'ISIC2018_DIRS', 'synth_cli', 'IMAGE_EXTS', 'MASK_SUFFIXES', 'ISIC_PARTS', 'SPLITS',
            'check_data_cli', 'CACHE_VERSION', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DataError', 'smooth_noise',
            'synth_image', 'make_synthetic', 'synth_command', 'Sample', 'Layout', 'layout', 'detect_layout', 'scan',
-           'discover', 'read_groups', 'read_split_file', 'split_samples', 'binarize_mask', 'load_pair', 'DataReport',
-           'report_summary', 'default_workers', 'check_data', 'check_data_command', 'usable_samples',
-           'mirror_pad_to_square', 'prepare_pair', 'restore_original', 'cache_key', 'SegCache', 'build_cache',
-           'normalize', 'denormalize', 'build_transforms', 'preprocessing', 'SegDataset', 'item_seed', 'EpochSampler',
-           'seed_worker', 'build_loader', 'DataBundle', 'prepare_root', 'get_data']
+           'discover', 'read_groups', 'read_split_file', 'split_samples', 'split_labeled', 'binarize_mask', 'load_pair',
+           'DataReport', 'report_summary', 'default_workers', 'check_data', 'check_data_command', 'usable_samples',
+           'image_samples', 'check_images', 'mirror_pad_to_square', 'prepare_image', 'prepare_pair', 'restore_original',
+           'cache_key', 'SegCache', 'build_cache', 'normalize', 'denormalize', 'build_transforms', 'preprocessing',
+           'SegDataset', 'item_seed', 'EpochSampler', 'seed_worker', 'build_loader', 'MixedLoader', 'mixed_loader',
+           'DataBundle', 'prepare_root', 'get_data', 'labels_csv']
 
 # %% ../nbs/01_data.ipynb #6ef23f96
 class DataError(SkinkdError, ValueError):
@@ -457,6 +458,17 @@ def split_samples(samples: list[Sample], # discovered samples
     assign = _keep_groups_together(assign, group_of)
     return {k: [s for s in samples if assign[s.id] == k] for k in SPLITS}
 
+# %% ../nbs/01_data.ipynb #8a72141b
+def split_labeled(samples: list[Sample], # the training split
+                  fraction: float, # share that keeps its masks
+                  seed: int = 0, # seed of the choice (data.split_seed)
+                 ) -> tuple[list[Sample], list[Sample]]:
+    "(masked, unlabelled): the `fraction` of `samples` with the lowest hash of (id, seed) keeps its masks, the rest loses them."
+    if fraction >= 1 or not samples: return samples, []
+    ranked = sorted(samples, key=lambda s: _hash01(f'labeled:{s.id}', seed))
+    keep = {s.id for s in ranked[:max(1, round(fraction * len(samples)))]}
+    return [s for s in samples if s.id in keep], [s._replace(mask=None) for s in samples if s.id not in keep]
+
 # %% ../nbs/01_data.ipynb #7c5ca726
 def _to_rgb(im: Image.Image) -> tuple[np.ndarray, str | None]:
     "An 8-bit RGB array of `im`, and a note saying what was converted (None if nothing)."
@@ -493,12 +505,13 @@ def load_pair(s: Sample) -> tuple[np.ndarray, np.ndarray]:
     return img, binarize_mask(_mask_array(_open(s.mask, 'mask'))[0])
 
 # %% ../nbs/01_data.ipynb #ebc185d1
-def _check_sample(s: Sample) -> dict:
-    "Check one pair: problems (unusable), notes (converted), image content hash and size."
+def _check_sample(s: Sample, needs_mask: bool = True) -> dict:
+    "Check one pair (or, without `needs_mask`, one image): problems (unusable), notes (converted), image hash and size."
     out = dict(problems=[], notes=[], digest=hashlib.sha1(s.image.read_bytes()).hexdigest(), hw=None)
     try: img, note = _to_rgb(_open(s.image, 'image'))
     except DataError as e: out['problems'].append(str(e)); return out
     out['hw'] = list(img.shape[:2]); out['notes'] += [f'{s.image}: {note}'] if note else []
+    if s.mask is None and not needs_mask: return out
     if s.mask is None: out['problems'].append(f'image {s.image} has no mask; add its mask or remove the image'); return out
     try: m, mnote = _mask_array(_open(s.mask, 'mask'))
     except DataError as e: out['problems'].append(str(e)); return out
@@ -558,14 +571,14 @@ def _fingerprint(s: Sample) -> str:
     st = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) if p is not None else None for p in (s.image, s.mask)]
     return hashlib.sha1(json.dumps(st).encode()).hexdigest()
 
-def _checks(samples: list[Sample], cache_dir: str | Path | None) -> list[dict]:
+def _checks(samples: list[Sample], cache_dir: str | Path | None, needs_mask: bool = True) -> list[dict]:
     "Check every sample (in threads), reusing results remembered in `cache_dir`."
     path = Path(cache_dir) / 'checks.json' if cache_dir is not None else None
     memo = json.loads(path.read_text()) if path is not None and path.is_file() else {}
-    keys = [_fingerprint(s) for s in samples]
+    keys = [_fingerprint(s) + ('' if needs_mask else ':image') for s in samples]
     todo = [(k, s) for k, s in zip(keys, samples) if k not in memo]
     with ThreadPoolExecutor(default_workers()) as ex:
-        memo.update(zip([k for k, _ in todo], ex.map(_check_sample, [s for _, s in todo])))
+        memo.update(zip([k for k, _ in todo], ex.map(partial(_check_sample, needs_mask=needs_mask), [s for _, s in todo])))
     if path is not None and todo: atomic_write(path, lambda f: f.write(json.dumps({k: memo[k] for k in keys}).encode()))
     return [memo[k] for k in keys]
 
@@ -612,6 +625,28 @@ def usable_samples(r: DataReport, skip_bad: bool = False) -> list[Sample]:
     print(f'skipping {r.n_bad} unusable pairs in {r.root} (data.skip_bad): ' + ' | '.join(lines[:3]) + (' ...' if len(lines) > 3 else ''))
     return r.good
 
+# %% ../nbs/01_data.ipynb #0de9cfa4
+def image_samples(folder: str | Path # a plain folder of images, or a dataset folder of any layout (masks ignored)
+                 ) -> list[Sample]:
+    "The images of `folder` as samples without masks: its own image files, or the images its layout finds."
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f'unlabelled image folder {folder} not found; set distill.unlabeled to a folder of .jpg/.png/.bmp images')
+    if files := _image_files(folder): return [Sample(p.stem, p, None, None) for p in files]
+    return [s._replace(mask=None, split=None) for s in scan(folder)[1]]
+
+def check_images(folder: str | Path, # see `image_samples`
+                 cache_dir: str | Path | None = None, # where to remember results between runs
+                ) -> DataReport:
+    "Decode and check every image of an unlabelled folder (no masks needed); the same report as `check_data`."
+    samples = image_samples(folder)
+    if not samples: raise DataError(f'unlabelled image folder {folder} holds no images ({", ".join(IMAGE_EXTS)})')
+    r = DataReport(Path(folder), 'images', samples)
+    for s, c in zip(samples, _checks(samples, cache_dir, needs_mask=False)):
+        if c['problems']: r.problems[s.id] = c['problems']
+        if c['hw']: r.sizes[s.id] = tuple(c['hw'])
+    return r
+
 # %% ../nbs/01_data.ipynb #755c5e65
 def _square_pad(h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
     "((top, bottom), (left, right)) padding that makes an h x w image square, split evenly."
@@ -628,12 +663,15 @@ def _resize(a: np.ndarray, size: int, resample) -> np.ndarray:
     "Resize a uint8 array to size x size with PIL."
     return np.asarray(Image.fromarray(a).resize((size, size), resample))
 
+def prepare_image(img: np.ndarray, size: int, mirror_pad: bool = True) -> np.ndarray:
+    "Pad (optionally) and resize an image, bilinear and antialiased."
+    return _resize(mirror_pad_to_square(img) if mirror_pad else img, size, Image.BILINEAR)
+
 def prepare_pair(img: np.ndarray, mask: np.ndarray, size: int, mirror_pad: bool = True, mask_resize: str = 'nearest'):
     "Pad (optionally) and resize an image (bilinear, antialiased) and a bool mask (nearest, or area + threshold)."
-    if mirror_pad: img, mask = mirror_pad_to_square(img), mirror_pad_to_square(mask)
-    m = mask.astype(np.uint8) * 255
+    m = (mirror_pad_to_square(mask) if mirror_pad else mask).astype(np.uint8) * 255
     m = _resize(m, size, Image.NEAREST) if mask_resize == 'nearest' else _resize(m, size, Image.BOX)
-    return _resize(img, size, Image.BILINEAR), (m >= 128).astype(np.uint8)
+    return prepare_image(img, size, mirror_pad), (m >= 128).astype(np.uint8)
 
 # %% ../nbs/01_data.ipynb #ee60e149
 def restore_original(prob: torch.Tensor, # (C,S,S) probabilities or logits at the working size
@@ -657,22 +695,25 @@ def cache_key(samples: list[Sample], size: int, mirror_pad: bool, mask_resize: s
 
 # %% ../nbs/01_data.ipynb #b705d9bb
 class SegCache:
-    "Memory-mapped cache of one split: images (N,S,S,3) and masks (N,S,S) uint8, ids, original sizes."
+    "Memory-mapped cache of one split: images (N,S,S,3) and masks (N,S,S) uint8 (None for unlabelled images), ids, sizes."
     def __init__(self, path: str | Path):
         self.path = Path(path)
         meta = json.loads((self.path / 'meta.json').read_text())
         self.ids, self.size, self.mirror_pad = meta['ids'], meta['size'], meta['mirror_pad']
         self.images = np.load(self.path / 'images.npy', mmap_mode='r')
-        self.masks = np.load(self.path / 'masks.npy', mmap_mode='r')
         self.orig_hw = np.load(self.path / 'orig_hw.npy')
-        self._offsets = np.load(self.path / 'orig_offsets.npy')
-        self._bits = np.memmap(self.path / 'orig_masks.bin', dtype=np.uint8, mode='r')
+        self.masks = self._offsets = self._bits = None
+        if meta.get('has_masks', True):
+            self.masks = np.load(self.path / 'masks.npy', mmap_mode='r')
+            self._offsets = np.load(self.path / 'orig_offsets.npy')
+            self._bits = np.memmap(self.path / 'orig_masks.bin', dtype=np.uint8, mode='r')
     def __len__(self): return len(self.ids)
     def __getstate__(self): return {'path': self.path}  # workers reopen the memory maps instead of copying them
     def __setstate__(self, d): self.__init__(d['path'])
-    def __repr__(self): return f'SegCache({len(self)} images, {self.size} px, {self.path})'
+    def __repr__(self): return f"SegCache({len(self)} {'images' if self.masks is not None else 'unlabelled images'}, {self.size} px, {self.path})"
     def original_mask(self, i: int) -> np.ndarray:
         "The mask of item `i` at its original resolution (H,W) bool."
+        if self.masks is None: raise DataError(f'{self.path} caches images without masks; there is no mask of item {i}')
         h, w = self.orig_hw[i]
         return np.unpackbits(self._bits[self._offsets[i]:self._offsets[i + 1]], count=int(h * w)).reshape(h, w).astype(bool)
     def restore(self, prob: torch.Tensor, i: int) -> torch.Tensor:
@@ -681,26 +722,32 @@ class SegCache:
 
 # %% ../nbs/01_data.ipynb #873941e0
 def _decode_prepared(s: Sample, size: int, mirror_pad: bool, mask_resize: str):
-    "Decode a sample and return (image SxSx3, mask SxS, original (H,W), packed original mask)."
+    "Decode a sample: (image SxSx3, mask SxS, original (H,W), packed original mask); masks None when it has none."
+    if s.mask is None:
+        img, _ = _to_rgb(_open(s.image, 'image'))
+        return prepare_image(img, size, mirror_pad), None, img.shape[:2], None
     img, m = load_pair(s)
     si, sm = prepare_pair(img, m, size, mirror_pad, mask_resize)
     return si, sm, m.shape, np.packbits(m.ravel())
 
 def _write_cache(tmp: Path, samples: list[Sample], size: int, mirror_pad: bool, mask_resize: str):
-    "Fill a cache folder `tmp` (decoding in threads)."
-    n = len(samples); tmp.mkdir(parents=True)
+    "Fill a cache folder `tmp` (decoding in threads); samples without masks give an images-only cache."
+    n, has_masks = len(samples), all(s.mask is not None for s in samples)
+    tmp.mkdir(parents=True)
     images = np.lib.format.open_memmap(tmp / 'images.npy', 'w+', np.uint8, (n, size, size, 3))
-    masks = np.lib.format.open_memmap(tmp / 'masks.npy', 'w+', np.uint8, (n, size, size))
+    masks = np.lib.format.open_memmap(tmp / 'masks.npy', 'w+', np.uint8, (n, size, size)) if has_masks else None
     hw, offsets = np.zeros((n, 2), np.int64), np.zeros(n + 1, np.int64)
     job = partial(_decode_prepared, size=size, mirror_pad=mirror_pad, mask_resize=mask_resize)
     with open(tmp / 'orig_masks.bin', 'wb') as f, ThreadPoolExecutor(default_workers()) as ex:
-        for i, (si, sm, shape, bits) in enumerate(ex.map(job, samples)):
-            images[i], masks[i], hw[i] = si, sm, shape
-            f.write(bits.tobytes()); offsets[i + 1] = offsets[i] + len(bits)
+        for i, (si, sm, shape, bits) in enumerate(ex.map(job, samples if has_masks else [s._replace(mask=None) for s in samples])):
+            images[i], hw[i] = si, shape
+            if has_masks: masks[i] = sm; f.write(bits.tobytes()); offsets[i + 1] = offsets[i] + len(bits)
         f.write(b'\0')  # never empty: an empty file cannot be memory-mapped
-    images.flush(); masks.flush(); del images, masks
+    images.flush(); del images
+    if has_masks: masks.flush(); del masks
     np.save(tmp / 'orig_hw.npy', hw); np.save(tmp / 'orig_offsets.npy', offsets)
-    (tmp / 'meta.json').write_text(json.dumps(dict(ids=[s.id for s in samples], size=size, mirror_pad=mirror_pad, mask_resize=mask_resize)))
+    meta = dict(ids=[s.id for s in samples], size=size, mirror_pad=mirror_pad, mask_resize=mask_resize, has_masks=has_masks)
+    (tmp / 'meta.json').write_text(json.dumps(meta))
 
 # %% ../nbs/01_data.ipynb #ae8c912a
 def build_cache(samples: list[Sample], # usable samples (see `check_data`)
@@ -764,24 +811,27 @@ def preprocessing(cfg: Config) -> dict:
 
 # %% ../nbs/01_data.ipynb #fd88ebe4
 class SegDataset(Dataset):
-    "Items dict(image=float (3,S,S), mask=float (1,S,S) in {0,1}, index) from a `SegCache` and transforms."
+    "Items dict(image=float (3,S,S), mask=float (1,S,S) in {0,1}, index) from a `SegCache` and transforms; no mask when it has none."
     def __init__(self, cache: SegCache, transform=None): self.cache, self.transform = cache, transform
     def __len__(self): return len(self.cache)
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         "Item `key`, or `(index, seed)` to draw its augmentation from its own seed (see `EpochSampler`)."
         i, seed = key if isinstance(key, tuple) else (key, None)
         img = tv_tensors.Image(torch.from_numpy(np.array(self.cache.images[i])).permute(2, 0, 1))
-        mask = tv_tensors.Mask(torch.from_numpy(np.array(self.cache.masks[i]))[None])
-        if self.transform is not None: img, mask = self._transform(img, mask, seed)
-        img = img.float() / 255 if img.dtype == torch.uint8 else img
-        return dict(image=img.as_subclass(torch.Tensor), mask=mask.as_subclass(torch.Tensor).float(), index=i)
+        parts = (img,) if self.cache.masks is None else (img, tv_tensors.Mask(torch.from_numpy(np.array(self.cache.masks[i]))[None]))
+        if self.transform is not None: parts = self._transform(parts, seed)
+        img = parts[0].float() / 255 if parts[0].dtype == torch.uint8 else parts[0]
+        item = dict(image=img.as_subclass(torch.Tensor), index=i)
+        return item if len(parts) == 1 else {**item, 'mask': parts[1].as_subclass(torch.Tensor).float()}
 
-    def _transform(self, img, mask, seed: int | None):
-        "Apply the transforms, from the global RNG or, given a seed, from a private one."
-        if seed is None: return self.transform(img, mask)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(img, mask)
+    def _transform(self, parts: tuple, seed: int | None) -> tuple:
+        "Apply the transforms jointly, from the global RNG or, given a seed, from a private one."
+        if seed is None: out = self.transform(*parts)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                out = self.transform(*parts)
+        return out if isinstance(out, tuple) else (out,)
 
 # %% ../nbs/01_data.ipynb #5bc401cc
 def item_seed(seed: int, epoch: int, index: int) -> int:
@@ -791,17 +841,28 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
 class EpochSampler(Sampler):
     "Yields (index, augmentation seed); order and seeds depend only on (seed, epoch); shards under torch.distributed."
     def __init__(self, n: int, shuffle: bool = False, seed: int = 0,
-                 pad: bool = True): # repeat items so every process gets as many (training); False: disjoint shards (scoring)
-        self.n, self.shuffle, self.seed, self.pad, self.epoch = n, shuffle, seed, pad, 0
+                 pad: bool = True, # repeat items so every process gets as many (training); False: disjoint shards (scoring)
+                 length: int | None = None, # items per epoch and process, drawn from whole permutations in turn (None: n / world)
+                ):
+        self.n, self.shuffle, self.seed, self.pad, self.length, self.epoch = n, shuffle, seed, pad, length, 0
         ddp = dist.is_available() and dist.is_initialized()
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     def set_epoch(self, epoch: int): self.epoch = epoch
-    def __len__(self) -> int: return math.ceil(self.n / self.world) if self.pad else len(range(self.rank, self.n, self.world))
+    def __len__(self) -> int:
+        if self.length is not None: return self.length
+        return math.ceil(self.n / self.world) if self.pad else len(range(self.rank, self.n, self.world))
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.length is not None: return iter(self._stream(g))
         order = (torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)).tolist()
         if self.pad: order = (order * self.world)[:math.ceil(self.n / self.world) * self.world]
         return iter([(i, item_seed(self.seed, self.epoch, i)) for i in order[self.rank::self.world]])
+
+    def _stream(self, g: torch.Generator) -> list[tuple[int, int]]:
+        "`length` items for this process from permutations drawn one after another; a seed per position."
+        order, need = [], self.length * self.world
+        while len(order) < need: order += torch.randperm(self.n, generator=g).tolist()
+        return [(order[k], item_seed(self.seed, self.epoch, k)) for k in range(self.rank, need, self.world)]
 
 # %% ../nbs/01_data.ipynb #6de92361
 def seed_worker(worker_id: int):
@@ -823,6 +884,35 @@ def build_loader(dataset: Dataset, # e.g. a `SegDataset`
                       persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), worker_init_fn=seed_worker,
                       generator=torch.Generator().manual_seed(seed), drop_last=drop_last)
 
+# %% ../nbs/01_data.ipynb #0a7f5522
+class MixedLoader:
+    "Masked batches, each carrying `unlabeled` images from a second loader; an epoch is one pass over the masked loader."
+    def __init__(self, masked: DataLoader, # the training loader of masked images (it sets the epoch length)
+                 unlabeled: DataLoader, # a loader of images without masks whose sampler streams len(masked) batches
+                ):
+        self.masked, self.unlabeled = masked, unlabeled
+    def __len__(self) -> int: return len(self.masked)
+    def set_epoch(self, epoch: int):
+        "Set the epoch of both samplers, so order and augmentation depend only on (seed, epoch)."
+        for dl in (self.masked, self.unlabeled): dl.sampler.set_epoch(epoch)
+    def __iter__(self):
+        for batch, extra in zip(self.masked, self.unlabeled):
+            yield {**batch, 'unlabeled': extra['image'], 'unlabeled_index': extra['index']}
+
+def mixed_loader(masked: DataLoader, # the training loader of masked images
+                 unlabeled: Dataset, # images without masks (a `SegDataset` of an images-only cache)
+                 ratio: float, # unlabelled images per masked image in a batch
+                 num_workers: int | None = None, seed: int = 0,
+                ) -> MixedLoader:
+    "A `MixedLoader` with round(ratio x batch size) unlabelled images per batch, streamed from permutations of them."
+    k = max(1, round(masked.batch_size * ratio))
+    workers = default_workers(num_workers)
+    sampler = EpochSampler(len(unlabeled), shuffle=True, seed=seed + 7919, length=len(masked) * k)
+    extra = DataLoader(unlabeled, k, sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
+                       pin_memory=torch.cuda.is_available(), worker_init_fn=seed_worker,
+                       generator=torch.Generator().manual_seed(seed + 7919))  # never the global RNG: resume stays exact
+    return MixedLoader(masked, extra)
+
 # %% ../nbs/01_data.ipynb #7f10735a
 @dataclass
 class DataBundle:
@@ -832,6 +922,7 @@ class DataBundle:
     caches: dict[str, SegCache]
     datasets: dict[str, SegDataset]
     loaders: dict[str, DataLoader]
+    unlabeled: list[Sample] = field(default_factory=list)  # training images without masks (data.labeled_fraction, distill.unlabeled)
 
 # %% ../nbs/01_data.ipynb #dfc380c2
 def prepare_root(cfg: Config) -> Path:
@@ -844,15 +935,28 @@ def prepare_root(cfg: Config) -> Path:
 
 def get_data(cfg: Config, # the resolved config
              batch_size: int | None = None, # training batch size (default: train.batch_size; the teacher may override it)
+             unlabeled: bool = False, # mix images without masks into the training batches (the distilled student)
             ) -> DataBundle:
     "Check, split, cache and load the data described by `cfg` (paths resolved)."
     d, root = cfg.data, prepare_root(cfg)
     report = check_data(root, d.layout, d.cache_dir)
     splits = split_samples(usable_samples(report, d.skip_bad), d.val_fraction, d.test_fraction, d.split_seed,
                            d.split_file, d.groups_file, report.duplicates)
+    splits['train'], unmasked = split_labeled(splits['train'], d.labeled_fraction, d.split_seed)
+    if unlabeled and cfg.distill.unlabeled: unmasked += usable_samples(check_images(cfg.distill.unlabeled, d.cache_dir), d.skip_bad)
     caches = {k: build_cache(v, d.cache_dir, d.image_size, cfg.augment.mirror_pad, d.mask_resize) for k, v in splits.items() if v}
     datasets = {k: SegDataset(c, build_transforms(cfg.augment, k == 'train', d.image_size)) for k, c in caches.items()}
     bs = {'train': batch_size or cfg.train.batch_size}
     loaders = {k: build_loader(ds, bs.get(k, cfg.eval.batch_size), shuffle=k == 'train', num_workers=d.num_workers,
                                seed=cfg.train.seed, drop_last=k == 'train') for k, ds in datasets.items()}
-    return DataBundle(report, splits, caches, datasets, loaders)
+    if unlabeled and unmasked and cfg.distill.unlabeled_ratio > 0:
+        ucache = build_cache(unmasked, d.cache_dir, d.image_size, cfg.augment.mirror_pad, d.mask_resize)
+        loaders['train'] = mixed_loader(loaders['train'], SegDataset(ucache, datasets['train'].transform), cfg.distill.unlabeled_ratio,
+                                        d.num_workers, cfg.train.seed)
+    return DataBundle(report, splits, caches, datasets, loaders, unmasked)
+
+# %% ../nbs/01_data.ipynb #66ecd452
+def labels_csv(data: DataBundle) -> str:
+    "Which training images had masks: CSV rows id,masked (1: with its mask, 0: image only), for the run folder."
+    rows = [(s.id, 1) for s in data.samples['train']] + [(s.id, 0) for s in data.unlabeled]
+    return 'id,masked\n' + ''.join(f'{i},{m}\n' for i, m in rows)

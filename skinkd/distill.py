@@ -15,6 +15,7 @@ from torch import nn
 import numpy as np
 
 from .cli import distill_main
+from .core import KD_TERMS
 from .config import (Config, DistillTerm, ModelConfig, SkinkdError, config_from_args,
                            load_config, recipe_differences, save_config)
 from .learner import Learner, SegTask, default_device, is_main, term_contributions, train_model
@@ -23,8 +24,9 @@ from .metrics import per_image_metrics
 from .models import load_model, prepare_for_inference
 
 # %% auto #0
-__all__ = ['main', 'freeze', 'load_teacher', 'DistillTask', 'student_task', 'check_baseline', 'train_student', 'test_student',
-           'run_mode', 'soft_maps', 'soft_map_figure', 'term_curves_figure', 'distill_command']
+__all__ = ['main', 'freeze', 'load_teacher', 'DistillTask', 'student_task', 'check_baseline', 'uses_unlabeled',
+           'check_unlabeled_terms', 'train_student', 'test_student', 'run_mode', 'soft_maps', 'soft_map_figure',
+           'term_curves_figure', 'distill_command']
 
 # %% ../nbs/08_distill.ipynb #ff5c6ceb
 def freeze(model: nn.Module, channels_last: bool = True) -> nn.Module:
@@ -58,10 +60,12 @@ class DistillTask:
         return {k: feats[k].clone() for k in self.taps}
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        "Segmentation plus distillation loss of one batch, with each term for the logs."
-        student = model(batch['image'], return_features=True)
-        seg = self.seg_loss(student['logits'], batch['mask'])
-        kd, terms = self.kd(student, self.teacher_taps(batch['image']), batch['mask'])
+        "Segmentation loss on the masked images, distillation on all (with the batch's `unlabeled` ones), each term logged."
+        image, extra = batch['image'], batch.get('unlabeled')
+        x = image if extra is None else torch.cat([image, extra.to(image.dtype)])
+        student = model(x, return_features=True)
+        seg = self.seg_loss(student['logits'][:len(image)], batch['mask'])
+        kd, terms = self.kd(student, self.teacher_taps(x), batch['mask'] if extra is None else None)
         return seg + kd, {'seg': seg.detach(), **{k: v.detach() for k, v in terms.items()}}
 
 # %% ../nbs/08_distill.ipynb #0fe21ebc
@@ -86,6 +90,19 @@ def check_baseline(cfg: Config, # the config this student would train under
                           f"{'; '.join(diffs)}; use the same config and --set overrides for both (only train.teacher may differ)")
     return path
 
+def uses_unlabeled(cfg: Config) -> bool:
+    "Whether the distillation batches hold images without masks."
+    return cfg.distill.unlabeled_ratio > 0 and (cfg.distill.unlabeled is not None or cfg.data.labeled_fraction < 1)
+
+def check_unlabeled_terms(cfg: Config):
+    "Refuse, before training, a distillation term that reads the masks when batches hold images without them."
+    if not uses_unlabeled(cfg): return
+    why = 'distill.unlabeled' if cfg.distill.unlabeled else f'data.labeled_fraction {cfg.data.labeled_fraction:g}'
+    for i, t in enumerate(cfg.distill.terms):
+        if KD_TERMS.get(t.kind).needs_mask(t.resolved()):
+            raise SkinkdError(f"distill.terms[{i}] ({t.kind} on {t.tap}) reads the masks (boundary weighting), but the batches also "
+                              f"hold images without masks ({why}); set distill.terms[{i}].boundary_weight: 0, or distill.unlabeled_ratio: 0")
+
 def train_student(cfg: Config, # the resolved config
                   mode: str = 'distill', # 'distill' (with the teacher) or 'raw' (without)
                   teacher_weights: str | Path | None = None, # the teacher checkpoint ('distill')
@@ -95,6 +112,7 @@ def train_student(cfg: Config, # the resolved config
     if baseline: check_baseline(cfg, baseline)
     if mode == 'distill' and not cfg.distill.terms:
         raise SkinkdError('distill.terms is empty, so there is nothing to distil; add terms or use --mode raw')
+    if mode == 'distill': check_unlabeled_terms(cfg)
     teacher = load_teacher(teacher_weights, cfg.student, cfg.train.channels_last) if mode == 'distill' else None
     return train_model(cfg, cfg.student, role='student', mode=mode, make_task=student_task(cfg, mode, teacher))
 

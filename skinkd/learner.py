@@ -24,7 +24,7 @@ from torch import nn
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 
-from .config import (Config, DistillTerm, ModelConfig, SkinkdError, TrainConfig, atomic_write, from_dict, recipe_source, save_config,
+from .config import (Config, DistillConfig, DistillTerm, ModelConfig, SkinkdError, TrainConfig, atomic_write, from_dict, recipe_source, save_config,
                            stage_recipe, teacher_overrides)
 from .metrics import MetricAccumulator
 from .data import preprocessing
@@ -229,7 +229,8 @@ class Learner:
         elif self.tc.sync_bn and is_main(): warnings.warn('train.sync_bn: SyncBatchNorm needs GPUs; BatchNorm stays per-process on CPU')
         return nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
 
-    def fit(self) -> dict:
+    def fit(self, records: dict[str, str] | None = None, # more text files for the run folder, e.g. {'labels.csv': ...}
+           ) -> dict:
         "Train until `train.epochs` (or early stopping); return the last epoch's row."
         if self.tc.resume: self.resume()
         elif self.epoch == 0 and (self.run_dir / 'checkpoints' / 'last.pt').exists():
@@ -237,6 +238,7 @@ class Learner:
                               '--set train.resume=true, or choose another --out')
         if is_main():
             save_config(self.cfg, self.run_dir / 'config.yaml')
+            for name, text in (records or {}).items(): atomic_write(self.run_dir / name, lambda f, t=text: f.write(t.encode()))
             if self.mode == 'teacher' and (over := teacher_overrides(self.cfg.train)):
                 tqdm.write(f"teacher recipe: {', '.join(f'{k} {v}' for k, v in over.items())} (train.teacher); the rest as train")
         while self.epoch < self.tc.epochs and not self.stopped:
@@ -330,7 +332,7 @@ def resume_conflicts(ck: dict, cfg: Config, model_cfg: ModelConfig) -> list[str]
     mode, saved = ck['extra']['mode'], ck['extra']['config']
     was, now = stage_recipe(from_dict(TrainConfig, saved['train'], 'train'), mode), stage_recipe(cfg.train, mode)
     out = [recipe_source(cfg.train, k, mode) for k in ('optimizer', 'amp', 'batch_size', 'accumulate') if getattr(was, k) != getattr(now, k)]
-    if mode == 'distill' and saved['distill']['terms'] != asdict(cfg.distill)['terms']: out.append('distill.terms')
+    if mode == 'distill' and from_dict(DistillConfig, saved['distill'], 'distill').terms != cfg.distill.terms: out.append('distill.terms')
     if ck['model_config'] != asdict(model_cfg): out.append(f"the {ck['role']} model section")
     world = dist.get_world_size() if dist.is_initialized() else 1
     if ck['extra'].get('world_size', 1) != world: out.append(f"the number of processes ({ck['extra'].get('world_size', 1)} -> {world})")
@@ -367,10 +369,10 @@ def train_model(cfg: Config, # the resolved config
                 data=None, # a `skinkd.data.DataBundle` (default: built from cfg)
                ) -> Learner:
     "Seed, build the model and the data, and train: the one entry point of every training mode."
-    from skinkd.data import get_data
+    from skinkd.data import get_data, labels_csv
     from skinkd.models import build_model
     init_distributed(); set_seed(cfg.train.seed, cfg.train.deterministic)
-    data = data or get_data(cfg, stage_recipe(cfg.train, mode).batch_size)
+    data = data or get_data(cfg, stage_recipe(cfg.train, mode).batch_size, unlabeled=mode == 'distill')
     missing = [s for s in ('train', 'val') if s not in data.loaders]
     if missing:
         raise SkinkdError(f"the data in {cfg.data.root} has no {' or '.join(missing)} split; set data.val_fraction > 0 "
@@ -378,5 +380,5 @@ def train_model(cfg: Config, # the resolved config
     model = build_model(model_cfg)
     task, extra = make_task(model)
     learner = Learner(model, task, data.loaders, cfg, model_cfg, role, mode, extra)
-    learner.fit()
+    learner.fit({'labels.csv': labels_csv(data)} if data.unlabeled else None)
     return learner

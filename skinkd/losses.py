@@ -5,18 +5,21 @@
 # %% ../nbs/04_losses.ipynb #1b1e74ed
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import ConfigError, DistillTerm, TrainConfig, unique_names
+from .config import ConfigError, DistillTerm, TrainConfig, term_params, unique_names
+from .core import KD_TERMS
 
 # %% auto #0
 __all__ = ['SEG_LOSSES', 'bce_loss', 'soft_dice_loss', 'SegLoss', 'seg_loss_from_config', 'boundary_band', 'boundary_weights',
            'logit_kd', 'hint_loss', 'make_adapter', 'cwd_loss', 'affinity_loss', 'attention_map', 'attention_loss',
-           'KDTerm', 'LogitKD', 'FeatureHint', 'ChannelWiseKD', 'PairwiseAffinity', 'AttentionTransfer', 'build_term',
-           'term_names', 'DistillationLoss']
+           'KDTerm', 'kd_term', 'LogitKD', 'FeatureHint', 'ChannelWiseKD', 'PairwiseAffinity', 'AttentionTransfer',
+           'build_term', 'term_names', 'DistillationLoss']
 
 # %% ../nbs/04_losses.ipynb #93b00b06
 def _as_mask(target: Tensor) -> Tensor:
@@ -202,8 +205,9 @@ def attention_loss(student: Tensor, # (N, Cs, h, w) student features
 # %% ../nbs/04_losses.ipynb #a6c95483
 class KDTerm(nn.Module):
     "Base of the distillation terms: optional up-weighting of a band around the lesion boundary."
-    def __init__(self, boundary_weight: float = 0.0, # extra weight in the band (0: off)
-                 boundary_width: int = 3, # half-width of the band in full-resolution pixels
+    limits = dict(boundary_weight=dict(lo=0.0), boundary_width=dict(lo=1))
+    def __init__(self, boundary_weight: float = 0.0, # extra weight on pixels near the lesion boundary (0: off)
+                 boundary_width: int = 3, # half-width of the boundary band in full-resolution pixels
                 ):
         super().__init__()
         self.boundary_weight, self.boundary_width = boundary_weight, boundary_width
@@ -214,39 +218,80 @@ class KDTerm(nn.Module):
         if target is None: raise ValueError(f'{type(self).__name__}: boundary weighting needs the target mask; pass target=')
         return boundary_weights(target, tuple(size), self.boundary_width, self.boundary_weight)
 
+    @classmethod
+    def needs_mask(cls, params: dict) -> bool:
+        "Whether a term with these parameters reads the ground-truth mask (boundary weighting does)."
+        return bool(params.get('boundary_weight'))
+
+    @classmethod
+    def channel_problem(cls, student_channels: int, teacher_channels: int) -> str | None:
+        "Why the term cannot compare taps of these channel counts, or None (adapters bridge most)."
+        return None
+
+def kd_term(name: str, # the `kind` that configs use, e.g. 'cwd'
+           ):
+    "Class decorator: register a `KDTerm` subclass as a distillation kind; its keywords become config parameters."
+    def register(cls):
+        if not (isinstance(cls, type) and issubclass(cls, KDTerm)): raise TypeError(f'@kd_term({name!r}) decorates a KDTerm subclass, got {cls!r}')
+        for p, spec in term_params(cls).items():
+            if spec.type not in (bool, int, float, str) or spec.default is inspect.Parameter.empty or not spec.help:
+                raise TypeError(f'@kd_term({name!r}): parameter {p!r} of {cls.__name__} needs a bool/int/float/str '
+                                'annotation, a default and a docments comment (its help text)')
+        return KD_TERMS.register(name, cls)
+    return register
+
 # %% ../nbs/04_losses.ipynb #f5e08988
+@kd_term('logit')
 class LogitKD(KDTerm):
     "Hinton KD on logits: T^2 * KL(softened teacher || student); Bernoulli for 1 channel, softmax otherwise."
-    def __init__(self, temperature: float = 1.0, **kwargs):
+    limits = dict(temperature=dict(lo=0.0, lo_open=True))
+    def __init__(self, temperature: float = 1.0, # softening temperature T
+                 **kwargs):
         super().__init__(**kwargs); self.temperature = temperature
     def forward(self, student: Tensor, teacher: Tensor, target: Tensor | None = None) -> Tensor:
         return logit_kd(student, teacher, self.temperature, self.pixel_weights(target, teacher.shape[-2:]))
+    @classmethod
+    def channel_problem(cls, student_channels: int, teacher_channels: int) -> str | None:
+        if student_channels == teacher_channels: return None
+        return (f'logit KD needs the same classes in student and teacher ({student_channels} vs {teacher_channels}); '
+                'set student.num_classes = teacher.num_classes')
 
+@kd_term('hint')
 class FeatureHint(KDTerm):
     "FitNets hint (Romero et al., ICLR 2015): MSE after a 1x1 conv + BN adapter when channels differ."
-    def __init__(self, student_channels: int, teacher_channels: int, normalize: bool = False, **kwargs):
+    def __init__(self, student_channels: int, teacher_channels: int,
+                 normalize: bool = False, # L2-normalise each pixel's channel vector before the MSE
+                 **kwargs):
         super().__init__(**kwargs)
         self.adapter, self.normalize = make_adapter(student_channels, teacher_channels), normalize
     def forward(self, student: Tensor, teacher: Tensor, target: Tensor | None = None) -> Tensor:
         return hint_loss(self.adapter(student), teacher, self.normalize, self.pixel_weights(target, teacher.shape[-2:]))
 
 # %% ../nbs/04_losses.ipynb #2b493f2a
+@kd_term('cwd')
 class ChannelWiseKD(KDTerm):
     "CWD (Shu et al., ICCV 2021): T^2 * KL between per-channel spatial softmaxes, adapter when channels differ."
-    def __init__(self, student_channels: int, teacher_channels: int, temperature: float = 1.0, **kwargs):
+    limits = dict(temperature=dict(lo=0.0, lo_open=True))
+    def __init__(self, student_channels: int, teacher_channels: int,
+                 temperature: float = 1.0, # softening temperature T of the spatial softmax
+                 **kwargs):
         super().__init__(**kwargs)
         self.adapter, self.temperature = make_adapter(student_channels, teacher_channels), temperature
     def forward(self, student: Tensor, teacher: Tensor, target: Tensor | None = None) -> Tensor:
         return cwd_loss(self.adapter(student), teacher, self.temperature, self.pixel_weights(target, teacher.shape[-2:]))
 
+@kd_term('affinity')
 class PairwiseAffinity(KDTerm):
     "Structured KD (Liu et al., CVPR 2019): MSE between cosine affinities of pooled positions."
-    def __init__(self, pool_size: int = 16, **kwargs):
+    limits = dict(pool_size=dict(lo=2))
+    def __init__(self, pool_size: int = 16, # side of the pooled grid of positions
+                 **kwargs):
         super().__init__(**kwargs); self.pool_size = pool_size
     def forward(self, student: Tensor, teacher: Tensor, target: Tensor | None = None) -> Tensor:
         w = self.pixel_weights(target, teacher.shape[-2:])
         return affinity_loss(student, teacher, self.pool_size, w)
 
+@kd_term('attention')
 class AttentionTransfer(KDTerm):
     "Attention transfer (Zagoruyko & Komodakis, ICLR 2017): distance between normalised attention maps."
     def forward(self, student: Tensor, teacher: Tensor, target: Tensor | None = None) -> Tensor:
@@ -258,18 +303,12 @@ def build_term(term: DistillTerm, # one entry of `distill.terms`
                teacher_channels: int, # channels of the teacher tap
                where: str = 'distill.terms', # config path of the entry, for messages
               ) -> KDTerm:
-    "The `KDTerm` module of one config entry."
-    kw = dict(boundary_weight=term.boundary_weight, boundary_width=term.boundary_width)
-    if term.kind == 'logit':
-        if student_channels != teacher_channels:
-            raise ConfigError(f"config key '{where}': logit KD needs the same classes in student and teacher "
-                              f"({student_channels} vs {teacher_channels}); set student.num_classes = teacher.num_classes")
-        return LogitKD(term.temperature, **kw)
-    if term.kind == 'hint': return FeatureHint(student_channels, teacher_channels, term.normalize, **kw)
-    if term.kind == 'cwd': return ChannelWiseKD(student_channels, teacher_channels, term.temperature, **kw)
-    if term.kind == 'affinity': return PairwiseAffinity(term.pool_size, **kw)
-    if term.kind == 'attention': return AttentionTransfer(**kw)
-    raise ConfigError(f"config key '{where}.kind' is {term.kind!r}; allowed: logit, hint, cwd, affinity, attention")
+    "The `KDTerm` module of one config entry: the class registered as its kind, given its parameters."
+    cls = KD_TERMS.get(term.kind)
+    if problem := cls.channel_problem(student_channels, teacher_channels): raise ConfigError(f"config key '{where}': {problem}")
+    taps = dict(student_channels=student_channels, teacher_channels=teacher_channels)
+    takes = inspect.signature(cls).parameters
+    return cls(**{k: v for k, v in taps.items() if k in takes}, **term.resolved())
 
 # %% ../nbs/04_losses.ipynb #63bb6951
 def term_names(terms: list[DistillTerm]) -> list[str]:

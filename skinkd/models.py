@@ -11,6 +11,7 @@ import warnings
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import ClassVar
 from urllib.error import URLError
 
 import torch
@@ -22,32 +23,63 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import __version__
 from .cli import export_main
-from .config import BACKBONES, ConfigError, ModelConfig, SkinkdError, atomic_write, from_dict
+from .config import ConfigError, ModelConfig, SkinkdError, atomic_write, from_dict
+from .core import ENCODERS
 from .data import normalize
 
 # %% auto #0
 __all__ = ['IMAGENET_WEIGHTS', 'CHECKPOINT_KEYS', 'RESUME_KEYS', 'OPTIONAL_KEYS', 'ROLES', 'export_cli', 'dilate_stage',
-           'stage_rates', 'ResNetBackbone', 'PretrainedError', 'imagenet_state_dict', 'state_mismatch',
-           'read_state_dict', 'load_backbone_weights', 'aspp_rates', 'AtrousConv2d', 'conv_bn_relu', 'ImagePooling',
-           'ASPP', 'Decoder', 'DeepLabV3Plus', 'build_model', 'count_params', 'count_macs', 'CheckpointError',
-           'to_loadable', 'atomic_save', 'unwrap', 'save_checkpoint', 'is_resumable', 'load_checkpoint',
-           'describe_model_config', 'load_weights', 'load_model', 'fold_batchnorm', 'freeze_for_cpu',
+           'Encoder', 'encoder', 'stage_rates', 'ResNetBackbone', 'PretrainedError', 'imagenet_state_dict',
+           'state_mismatch', 'read_state_dict', 'load_backbone_weights', 'aspp_rates', 'AtrousConv2d', 'conv_bn_relu',
+           'ImagePooling', 'ASPP', 'Decoder', 'DeepLabV3Plus', 'build_model', 'MobileNetV3Encoder', 'count_params',
+           'count_macs', 'CheckpointError', 'to_loadable', 'atomic_save', 'unwrap', 'save_checkpoint', 'is_resumable',
+           'load_checkpoint', 'describe_model_config', 'load_weights', 'load_model', 'fold_batchnorm', 'freeze_for_cpu',
            'CompiledForInference', 'compile_for_inference', 'prepare_for_inference', 'prepare_for_training',
            'example_input', 'export_model', 'run_exported', 'export_checkpoint', 'export_command']
 
 # %% ../nbs/03_models.ipynb #8cd709b6
-def dilate_stage(stage: nn.Sequential, # a ResNet stage (layer3 or layer4)
-                 rate: int, # dilation of the stage's 3x3 convolutions
-                 first_rate: int, # dilation of the first block (the previous stage's rate, as in torchvision)
+def dilate_stage(stage: nn.Sequential, # a stage of blocks (ResNet layer3/layer4, a MobileNetV3 stage)
+                 rate: int, # dilation of the stage's k x k convolutions (k > 1)
+                 first_rate: int, # dilation of the first block (the previous stage's rate, as in torchvision's ResNet)
                 ) -> nn.Sequential:
-    "Turn a strided ResNet stage into a dilated one, in place (works for BasicBlock and Bottleneck)."
+    "Turn a strided stage into a dilated one, in place: stride 1 everywhere, dilated 'same' padding (any block type)."
     for i, block in enumerate(stage):
         d = first_rate if i == 0 else rate
         for m in block.modules():
             if not isinstance(m, nn.Conv2d): continue
             m.stride = (1, 1)
-            if m.kernel_size == (3, 3): m.dilation, m.padding = (d, d), (d, d)
+            if m.kernel_size[0] > 1: m.dilation, m.padding = (d, d), tuple(d * (k // 2) for k in m.kernel_size)
     return stage
+
+# %% ../nbs/03_models.ipynb #dfbb90b8
+class Encoder(nn.Module):
+    "The encoder protocol: four stages (strides 4, 8, 16, output stride), their channels, and pretrained weights."
+    imagenet_weights: ClassVar[dict[str, str]] = {}  # variant name -> torchvision weights enum, e.g. 'ResNet18_Weights.IMAGENET1K_V1'
+    head_prefixes: ClassVar[tuple[str, ...]] = ()  # classifier keys of a torchvision state dict, dropped when loading
+    name: str; output_stride: int; channels: tuple[int, int, int, int]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        "The four stages' outputs."
+        raise NotImplementedError
+
+    def adapt_state_dict(self, sd: dict) -> dict:
+        "A torchvision state dict of this variant with its keys renamed to this module's (the identity by default)."
+        return sd
+
+    def check_variant(self, name: str):
+        "Raise `ConfigError` when `name` is not a variant of this class."
+        if name not in self.imagenet_weights:
+            raise ConfigError(f"{type(self).__name__} has no variant {name!r}; it builds: {', '.join(self.imagenet_weights)}")
+
+def encoder(**weights: str # variant name = torchvision weights enum of its ImageNet weights
+           ):
+    "Class decorator: register an `Encoder` subclass under each variant name, with its ImageNet weights."
+    def register(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Encoder)): raise TypeError(f'@encoder decorates an Encoder subclass, got {cls!r}')
+        cls.imagenet_weights = dict(weights)
+        for name in weights: ENCODERS.register(name, cls)
+        return cls
+    return register
 
 # %% ../nbs/03_models.ipynb #7c61af4e
 def stage_rates(output_stride: int # 8 or 16
@@ -56,11 +88,14 @@ def stage_rates(output_stride: int # 8 or 16
     if output_stride not in (8, 16): raise ConfigError(f'output_stride must be 8 or 16, got {output_stride!r}')
     return (1, 2) if output_stride == 16 else (2, 4)
 
-class ResNetBackbone(nn.Module):
+@encoder(resnet18='ResNet18_Weights.IMAGENET1K_V1', resnet34='ResNet34_Weights.IMAGENET1K_V1',
+         resnet50='ResNet50_Weights.IMAGENET1K_V2', resnet101='ResNet101_Weights.IMAGENET1K_V2')
+class ResNetBackbone(Encoder):
     "A torchvision ResNet encoder, dilated to `output_stride`, returning its four stages."
+    head_prefixes = ('fc.',)
     def __init__(self, name: str = 'resnet18', output_stride: int = 16):
         super().__init__()
-        if name not in BACKBONES: raise ConfigError(f"backbone {name!r} is not supported; allowed: {', '.join(BACKBONES)}")
+        self.check_variant(name)
         net = getattr(torchvision.models, name)(weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -79,13 +114,12 @@ class ResNetBackbone(nn.Module):
 class PretrainedError(SkinkdError):
     "Pretrained backbone weights that cannot be found, downloaded or loaded."
 
-IMAGENET_WEIGHTS = dict(resnet18='ResNet18_Weights.IMAGENET1K_V1', resnet34='ResNet34_Weights.IMAGENET1K_V1',
-                        resnet50='ResNet50_Weights.IMAGENET1K_V2', resnet101='ResNet101_Weights.IMAGENET1K_V2')
+IMAGENET_WEIGHTS = ResNetBackbone.imagenet_weights  # the ResNets' enums, under the name earlier versions exported
 
-def imagenet_state_dict(name: str # backbone name, e.g. 'resnet18'
+def imagenet_state_dict(name: str # a registered encoder name, e.g. 'resnet18'
                        ) -> dict:
     "torchvision's ImageNet weights for `name`, from the torch hub cache or downloaded into it."
-    weights = torchvision.models.get_weight(IMAGENET_WEIGHTS[name])
+    weights = torchvision.models.get_weight(ENCODERS.get(name).imagenet_weights[name])
     try: return weights.get_state_dict(progress=False, check_hash=True)
     except (URLError, OSError, RuntimeError) as e:
         cache = Path(torch.hub.get_dir()) / 'checkpoints' / Path(weights.url).name
@@ -112,18 +146,18 @@ def state_mismatch(expected: dict, # the model's state dict
     return '; '.join(parts) or None
 
 # %% ../nbs/03_models.ipynb #8267edd0
-def _strip_prefixes(sd: dict) -> dict:
-    "Unwrap {'state_dict': ...} and drop 'module.'/'backbone.'/'encoder.' prefixes and the classifier."
+def _strip_prefixes(sd: dict, head: tuple[str, ...] = ('fc.',)) -> dict:
+    "Unwrap {'state_dict': ...} and drop 'module.'/'backbone.'/'encoder.' prefixes and the classifier's `head` keys."
     if isinstance(sd.get('state_dict'), dict): sd = sd['state_dict']
     out = {}
     for k, v in sd.items():
         for p in ('module.', 'backbone.', 'encoder.'):
             if k.startswith(p): k = k[len(p):]
-        if not k.startswith('fc.'): out[k] = v
+        if not k.startswith(head): out[k] = v
     return out
 
-def read_state_dict(path: str | Path) -> dict:
-    "A backbone state dict from a local file (loaded with weights_only=True)."
+def read_state_dict(path: str | Path, head: tuple[str, ...] = ('fc.',)) -> dict:
+    "A backbone state dict from a local file (loaded with weights_only=True), without the classifier's `head` keys."
     path = Path(path)
     if not path.is_file():
         raise PretrainedError(f"pretrained weights file {path} not found; set pretrained to 'imagenet', null, "
@@ -132,15 +166,17 @@ def read_state_dict(path: str | Path) -> dict:
     except Exception as e:
         raise PretrainedError(f'pretrained weights file {path} is not a readable PyTorch state dict ({type(e).__name__})') from None
     if not isinstance(sd, dict): raise PretrainedError(f'pretrained weights file {path} holds a {type(sd).__name__}, not a state dict')
-    return _strip_prefixes(sd)
+    return _strip_prefixes(sd, head)
 
 # %% ../nbs/03_models.ipynb #fb034db6
-def load_backbone_weights(backbone: ResNetBackbone, # the encoder to initialise
+def load_backbone_weights(backbone: Encoder, # the encoder to initialise
                           source: str | Path | None, # None, 'imagenet' or a path to a state dict
-                         ) -> ResNetBackbone:
+                         ) -> Encoder:
     "Initialise `backbone` from ImageNet or a local state dict; a mismatch raises `PretrainedError`."
     if source is None: return backbone
-    sd = _strip_prefixes(imagenet_state_dict(backbone.name)) if str(source) == 'imagenet' else read_state_dict(source)
+    head = backbone.head_prefixes
+    sd = _strip_prefixes(imagenet_state_dict(backbone.name), head) if str(source) == 'imagenet' else read_state_dict(source, head)
+    sd = backbone.adapt_state_dict(sd)
     if (why := state_mismatch(backbone.state_dict(), sd)):
         raise PretrainedError(f'pretrained weights {source} do not fit a {backbone.name} backbone: {why}; '
                               f'pass a {backbone.name} state dict')
@@ -212,11 +248,11 @@ class Decoder(nn.Module):
 
 # %% ../nbs/03_models.ipynb #8fc933eb
 class DeepLabV3Plus(nn.Module):
-    "DeepLabV3+ with a ResNet backbone; `forward(x, return_features=True)` also returns the feature taps."
+    "DeepLabV3+ on any registered encoder; `forward(x, return_features=True)` also returns the feature taps."
     def __init__(self, backbone: str = 'resnet18', num_classes: int = 1, output_stride: int = 16,
                  pretrained: str | Path | None = None, aspp_separable: bool = False, dropout: float = 0.5):
         super().__init__()
-        self.backbone = load_backbone_weights(ResNetBackbone(backbone, output_stride), pretrained)
+        self.backbone = load_backbone_weights(ENCODERS.get(backbone)(backbone, output_stride), pretrained)
         c1, c2, c3, c4 = self.backbone.channels
         self.aspp = ASPP(c4, 256, aspp_rates(output_stride), aspp_separable, dropout)
         self.decoder = Decoder(c1, 256, 256, aspp_separable)
@@ -226,7 +262,7 @@ class DeepLabV3Plus(nn.Module):
         nn.init.normal_(self.classifier.weight, std=0.01); nn.init.zeros_(self.classifier.bias)
 
     def forward(self, x, return_features: bool = False):
-        if self.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last):
+        if next(self.backbone.parameters()).is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
         l1, l2, l3, l4 = self.backbone(x)
         a = self.aspp(l4)
@@ -249,6 +285,39 @@ def build_model(mcfg: ModelConfig # a `teacher` or `student` config section
     "The DeepLabV3+ described by a `ModelConfig`."
     return DeepLabV3Plus(mcfg.backbone, mcfg.num_classes, mcfg.output_stride, mcfg.pretrained,
                          mcfg.aspp_separable, mcfg.dropout)
+
+# %% ../nbs/03_models.ipynb #ff695bac
+@encoder(mobilenet_v3_large='MobileNet_V3_Large_Weights.IMAGENET1K_V1')
+class MobileNetV3Encoder(Encoder):
+    "torchvision's MobileNetV3-Large features as four stages (strides 4, 8, 16, 32), dilated to `output_stride`."
+    stage_ends = (4, 7, 13, 17)  # the torchvision blocks that end each stage
+    head_prefixes = ('classifier.',)
+    def __init__(self, name: str = 'mobilenet_v3_large', output_stride: int = 16):
+        super().__init__()
+        self.check_variant(name)
+        features = getattr(torchvision.models, name)(weights=None).features
+        bounds = list(zip((0, *self.stage_ends[:-1]), self.stage_ends))
+        self.layer1, self.layer2, self.layer3, self.layer4 = (nn.Sequential(*features[a:b]) for a, b in bounds)
+        r3, r4 = stage_rates(output_stride)
+        if r3 > 1: dilate_stage(self.layer3, r3, r3)
+        dilate_stage(self.layer4, r4, r4)
+        self.name, self.output_stride = name, output_stride
+        self.channels = tuple(s[-1].out_channels for s in (self.layer1, self.layer2, self.layer3, self.layer4))
+
+    def forward(self, x):
+        l1 = self.layer1(x); l2 = self.layer2(l1); l3 = self.layer3(l2)
+        return l1, l2, l3, self.layer4(l3)
+
+    def adapt_state_dict(self, sd: dict) -> dict:
+        "torchvision's `features.<i>.` keys as `layer<s>.<j>.`."
+        starts, out = (0, *self.stage_ends[:-1]), {}
+        for k, v in sd.items():
+            head, _, rest = k.partition('.')
+            if head == 'features' and (i := rest.split('.', 1)[0]).isdigit():
+                s = sum(int(i) >= a for a in starts)
+                k = f'layer{s}.{int(i) - starts[s - 1]}.{rest.split(".", 1)[1]}'
+            out[k] = v
+        return out
 
 # %% ../nbs/03_models.ipynb #6a1170cd
 def count_params(model: nn.Module) -> int:

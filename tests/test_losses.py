@@ -320,3 +320,43 @@ def test_missing_feature_and_no_terms():
         kd({'logits': torch.zeros(1, 1, 4, 4)}, {'aspp': torch.zeros(1, 256, 2, 2)})
     total, parts = DistillationLoss([], R18, R101)(feats(R18), feats(R101))
     assert total.item() == 0 and parts == {}
+
+
+# --- the distillation-term registry ------------------------------------------------------------------------------
+
+def test_a_registered_term_is_configured_validated_and_built():
+    from skinkd.config import describe, load_config
+    from skinkd.core import KD_TERMS
+    from skinkd.losses import kd_term, KDTerm
+
+    @kd_term('scaled_attention')
+    class ScaledAttention(KDTerm):
+        "Attention transfer times a constant."
+        def __init__(self, scale: float = 1.0, # the constant
+                     **kwargs):
+            super().__init__(**kwargs); self.scale = scale
+        def forward(self, student, teacher, target=None): return self.scale * attention_loss(student, teacher)
+    try:
+        cfg = load_config(overrides=['distill.terms=[{kind: scaled_attention, tap: layer2, scale: "3"}]'])
+        assert cfg.distill.terms[0].scale == 3.0 and cfg.distill.terms[0].params['boundary_width'] == 3
+        assert dict((k, h) for k, _, h in describe())['distill.terms[kind=scaled_attention].scale'] == 'the constant'
+        with pytest.raises(ConfigError, match=r"'distill.terms\[0\].scal': did you mean 'scale'\?"):
+            load_config(overrides=['distill.terms=[{kind: scaled_attention, scal: 2}]'])
+        s, t = torch.randn(1, 4, 8, 8), torch.randn(1, 8, 8, 8)
+        kd = DistillationLoss(cfg.distill.terms, {'layer2': 4}, {'layer2': 8})
+        assert torch.allclose(kd({'layer2': s}, {'layer2': t})[0], 3 * attention_loss(s, t))
+    finally: KD_TERMS.unregister('scaled_attention')
+    with pytest.raises(ConfigError, match="is 'scaled_attention'; allowed: logit, hint, cwd, affinity, attention"):
+        load_config(overrides=['distill.terms=[{kind: scaled_attention}]'])
+
+
+def test_terms_written_before_the_registry_still_load(tmp_path):
+    "Old run folders list every old field for every kind; their defaults are accepted, anything else is refused."
+    from skinkd.config import load_config
+    old = ('distill:\n  terms:\n  - {kind: hint, tap: aspp, weight: 50.0, temperature: 1.0, normalize: true, boundary_weight: 0.0,'
+           ' boundary_width: 3, pool_size: 16}\n')
+    (tmp_path / 'old.yaml').write_text(old)
+    assert load_config(tmp_path / 'old.yaml').distill.terms == [DistillTerm('hint', 'aspp', 50.0, normalize=True)]
+    (tmp_path / 'wrong.yaml').write_text(old.replace('temperature: 1.0', 'temperature: 4.0'))
+    with pytest.raises(ConfigError, match=r"'distill.terms\[0\].temperature'.*'hint' terms take: kind, tap, weight, normalize"):
+        load_config(tmp_path / 'wrong.yaml')

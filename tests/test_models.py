@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from skinkd.config import ModelConfig
+from skinkd.config import ModelConfig, SkinkdError
 from skinkd.models import (AtrousConv2d, CheckpointError, DeepLabV3Plus, PretrainedError, ResNetBackbone, build_model, count_macs,
                            count_params, export_model, fold_batchnorm, load_checkpoint, load_model, load_weights,
                            prepare_for_inference, run_exported, save_checkpoint, example_input, IMAGENET_WEIGHTS,
@@ -379,3 +379,65 @@ def test_export_past_a_file_size_limit_fails_and_leaves_no_file(tmp_path, fmt):
     p = subprocess.run([sys.executable, '-c', code, str(out / 'model.bin')], capture_output=True, text=True, timeout=300)
     assert p.returncode == 3, p.stdout + p.stderr  # the export failed with an OSError, not a crash or a success
     assert list(out.iterdir()) == []  # neither a truncated model nor its temporary file
+
+
+# --- the encoder seam ---------------------------------------------------------------------------------------------
+
+def _geometry(net):
+    return [(m.stride, m.dilation, m.padding) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def test_mobilenet_encoder_matches_torchvisions_dilation_and_shapes():
+    from skinkd.models import MobileNetV3Encoder
+    enc = MobileNetV3Encoder('mobilenet_v3_large', 16)
+    assert _geometry(enc) == _geometry(torchvision.models.mobilenet_v3_large(weights=None, dilated=True).features)
+    for os_ in (16, 8):
+        m = build_model(ModelConfig('mobilenet_v3_large', output_stride=os_)).eval()
+        with torch.no_grad(): taps = m(torch.randn(1, 3, 64, 48), return_features=True)
+        strides = dict(layer1=4, layer2=8, layer3=min(16, os_), layer4=os_, aspp=os_, decoder=4)
+        assert {k: tuple(taps[k].shape) for k in strides} == {
+            k: (1, m.tap_channels[k], -(-64 // s), -(-48 // s)) for k, s in strides.items()}
+        assert taps['logits'].shape == (1, 1, 64, 48) and m.backbone.channels == (24, 40, 112, 960)
+
+
+def test_mobilenet_imagenet_weights_from_the_hub_cache_offline(tmp_path, monkeypatch):
+    "torchvision's weights API names the file; a copy in the hub cache loads without network, renamed to the stages."
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    _offline(monkeypatch)
+    ref = torchvision.models.mobilenet_v3_large(weights=None)
+    url = torchvision.models.get_weight('MobileNet_V3_Large_Weights.IMAGENET1K_V1').url
+    cache = tmp_path / 'torch' / 'hub' / 'checkpoints'; cache.mkdir(parents=True)
+    torch.save(ref.state_dict(), cache / Path(url).name)
+    m = DeepLabV3Plus('mobilenet_v3_large', pretrained='imagenet')
+    assert torch.equal(m.backbone.layer4[-1][0].weight, ref.features[16][0].weight)
+    assert torch.equal(m.backbone.layer2[0].block[1][0].weight, ref.features[4].block[1][0].weight)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / 'r18.pth')
+    with pytest.raises(PretrainedError, match='do not fit a mobilenet_v3_large backbone'):
+        DeepLabV3Plus('mobilenet_v3_large', pretrained=str(tmp_path / 'r18.pth'))
+
+
+def test_a_registered_encoder_is_built_by_name():
+    from skinkd.core import ENCODERS
+    from skinkd.models import Encoder, encoder
+
+    @encoder(tiny_cnn='')
+    class TinyEncoder(Encoder):
+        def __init__(self, name, output_stride):
+            super().__init__()
+            self.check_variant(name)
+            chans, strides = (8, 16, 32, 64), (4, 2, 2, output_stride // 8)
+            cins = (3, *chans[:-1])
+            self.stages = torch.nn.ModuleList(torch.nn.Conv2d(a, b, 3, s, 1) for a, b, s in zip(cins, chans, strides))
+            self.name, self.output_stride, self.channels = name, output_stride, chans
+        def forward(self, x):
+            out = []
+            for s in self.stages: x = s(x); out.append(x)
+            return tuple(out)
+    try:
+        m = build_model(ModelConfig('tiny_cnn')).eval()
+        assert m.tap_channels['layer4'] == 64 and m(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+        from skinkd.config import load_config
+        assert load_config(overrides=['student.backbone=tiny_cnn']).student.backbone == 'tiny_cnn'
+    finally: ENCODERS.unregister('tiny_cnn')
+    with pytest.raises(SkinkdError, match="unknown encoder 'tiny_cnn'"):
+        build_model(ModelConfig('tiny_cnn'))

@@ -161,9 +161,8 @@ def weights(path):
     return load_checkpoint(path)['model']
 
 
-def test_resume_after_kill_matches_uninterrupted_run(data_args, tmp_path):
-    base = ['skinkd_distill', '--mode', 'raw', *data_args, '--set', 'train.deterministic=true', '--set', 'train.epochs=3',
-            '--set', 'data.num_workers=1', '--set', 'train.batch_size=2']
+def _kill_in_epoch_2_and_resume(base: list[str], tmp_path: Path):
+    "Train `base` straight and, in another folder, kill it with SIGKILL inside epoch 2 and resume: the weights must agree."
     run([*base, '--out', str(tmp_path / 'straight')])
     proc = subprocess.Popen([*base, '--out', str(tmp_path / 'killed')], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     last = tmp_path / 'killed' / 'checkpoints' / 'last.pt'
@@ -179,6 +178,21 @@ def test_resume_after_kill_matches_uninterrupted_run(data_args, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     hist = (tmp_path / 'killed' / 'metrics.csv').read_text().strip().splitlines()
     assert [r.split(',')[0] for r in hist[1:]] == ['1', '2', '3']
+
+
+def test_resume_after_kill_matches_uninterrupted_run(data_args, tmp_path):
+    _kill_in_epoch_2_and_resume(['skinkd_distill', '--mode', 'raw', *data_args, '--set', 'train.deterministic=true',
+                                 '--set', 'train.epochs=3', '--set', 'data.num_workers=1', '--set', 'train.batch_size=2'], tmp_path)
+
+
+def test_resume_after_kill_is_exact_with_unlabeled_images(data_args, teacher, tmp_path):
+    "Distillation with half the masks: both loaders (real workers) resume where the killed run would have been."
+    tw = teacher[0] / 'checkpoints' / 'best.pt'
+    _kill_in_epoch_2_and_resume(['skinkd_distill', '--mode', 'distill', *data_args, '--teacher_weights', str(tw),
+                                 '--set', 'train.deterministic=true', '--set', 'train.epochs=3', '--set', 'data.num_workers=1',
+                                 '--set', 'train.batch_size=2', '--set', 'data.labeled_fraction=0.5'], tmp_path)
+    a, b = (tmp_path / d / 'labels.csv' for d in ('straight', 'killed'))
+    assert a.read_text() == b.read_text() and ',0\n' in a.read_text()   # the same deterministic choice of masks
 
 
 def test_torchrun_two_cpu_processes(data_args, tmp_path):
@@ -221,3 +235,68 @@ def test_smoke_pipeline_through_papermill(tmp_path):
         assert 'optimizer' not in best and best['preprocessing']['image_size'] == image_size
         assert last['optimizer'] is not None and best['extra']['mode'] == run_dir
 
+
+
+def test_mobilenet_student_distils_from_a_resnet101_teacher(data_args, tmp_path):
+    "The encoder seam end to end: a MobileNetV3-Large student learns from a ResNet-101 teacher through hint adapters."
+    run(['skinkd_train_teacher', *data_args, '--backbone', 'resnet101', '--set', 'train.epochs=1', '--out', str(tmp_path / 't')])
+    terms = '[{kind: hint, tap: layer3, weight: 1.0}, {kind: cwd, tap: layer2, weight: 1.0}, {kind: logit, tap: logits}]'
+    run(['skinkd_distill', '--mode', 'distill', *data_args, '--teacher_weights', str(tmp_path / 't' / 'checkpoints' / 'best.pt'),
+         '--set', 'student.backbone=mobilenet_v3_large', '--set', f'distill.terms={terms}', '--out', str(tmp_path / 's')])
+    ck = load_checkpoint(tmp_path / 's' / 'checkpoints' / 'last.pt')
+    assert ck['model_config']['backbone'] == 'mobilenet_v3_large' and ck['extra']['mode'] == 'distill'
+    adapters = {k: tuple(v.shape) for k, v in ck['extra']['extra_modules'].items() if k.endswith('adapter.0.weight')}
+    assert adapters == {'terms.hint_layer3.adapter.0.weight': (1024, 112, 1, 1), 'terms.cwd_layer2.adapter.0.weight': (512, 40, 1, 1)}
+    rows = list(csv.DictReader((tmp_path / 's' / 'metrics.csv').open()))
+    assert rows and all(math.isfinite(float(rows[-1][f'train_{n}'])) and float(rows[-1][f'train_{n}']) > 0
+                        for n in ('hint_layer3', 'cwd_layer2', 'logit_logits'))
+
+
+# --- images without masks -----------------------------------------------------------------------------------------
+
+def test_masks_fraction_split_is_deterministic_disjoint_and_shared(data_args, teacher, tmp_path):
+    "The teacher, the raw and the distilled student record the same masked/unmasked choice; only distill uses the rest."
+    tw = teacher[0] / 'checkpoints' / 'best.pt'
+    frac = ['--set', 'data.labeled_fraction=0.4', '--set', 'train.epochs=1']
+    run(['skinkd_train_teacher', *data_args, *frac, '--out', str(tmp_path / 't')])
+    run(['skinkd_distill', '--mode', 'raw', *data_args, *frac, '--out', str(tmp_path / 'r')])
+    run(['skinkd_distill', '--mode', 'distill', *data_args, *frac, '--teacher_weights', str(tw), '--out', str(tmp_path / 'd')])
+    tables = [list(csv.DictReader((tmp_path / d / 'labels.csv').open())) for d in 'trd']
+    assert tables[0] == tables[1] == tables[2]
+    masked = [r['id'] for r in tables[0] if r['masked'] == '1']
+    unmasked = [r['id'] for r in tables[0] if r['masked'] == '0']
+    assert not set(masked) & set(unmasked) and len(masked) == round(0.4 * (len(masked) + len(unmasked)))
+    root = Path(next(a.split('=', 1)[1] for a in reversed(data_args) if a.startswith('data.root=')))
+    assert sorted(masked + unmasked) == sorted(p.stem for p in (root / 'ISIC2018_Task1-2_Training_Input').glob('*.jpg'))
+
+
+def test_a_term_that_needs_masks_is_refused_for_unlabeled_images(data_args, teacher, tmp_path):
+    tw = teacher[0] / 'checkpoints' / 'best.pt'
+    p = run(['skinkd_distill', '--mode', 'distill', *data_args, '--teacher_weights', str(tw), '--set', 'data.labeled_fraction=0.5',
+             '--set', 'distill.terms=[{kind: logit, tap: logits, boundary_weight: 2.0}]', '--out', str(tmp_path / 'd')], check=False)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1
+    assert "distill.terms[0] (logit on logits) reads the masks" in p.stderr and 'boundary_weight: 0' in p.stderr
+    assert not (tmp_path / 'd' / 'checkpoints').exists()
+
+
+def test_mixed_batches_hold_the_ratio_over_an_epoch_with_workers(tmp_path):
+    "Real DataLoader workers: every batch has its share of unlabelled images, each image is drawn about equally often."
+    from collections import Counter
+    from skinkd.config import load_config
+    from skinkd.data import MixedLoader, get_data, make_synthetic
+    make_synthetic(tmp_path / 'syn', 60, 48, seed=2)   # 42 training images: 21 masked, 21 without
+    cfg = resolve_paths(load_config(params={'data.root': str(tmp_path / 'syn'), 'data.cache_dir': str(tmp_path / 'cache'),
+                                            'data.image_size': 48, 'data.num_workers': 2, 'train.batch_size': 4,
+                                            'data.labeled_fraction': 0.5, 'distill.unlabeled_ratio': 1.5}))
+    data = get_data(cfg, unlabeled=True)
+    loader = data.loaders['train']
+    assert isinstance(loader, MixedLoader)
+    loader.set_epoch(0)
+    batches = list(loader)
+    assert len(batches) == len(data.samples['train']) // 4
+    assert all(len(b['image']) == 4 and len(b['unlabeled']) == 6 and 'mask' in b for b in batches)
+    drawn = Counter(int(i) for b in batches for i in b['unlabeled_index'])
+    assert sum(drawn.values()) == 6 * len(batches) and set(drawn) == set(range(len(data.unlabeled)))
+    assert max(drawn.values()) - min(drawn.values()) <= 1          # whole permutations in turn
+    loader.set_epoch(0)
+    assert torch.equal(next(iter(loader))['unlabeled'], batches[0]['unlabeled'])  # workers draw the same augmentations again
