@@ -28,13 +28,14 @@ class Command:
     add_options: Callable[[argparse.ArgumentParser], None] # adds the command's own options
     config: bool = True # takes the shared --config, --set and --out
     needs_run: str = '' # an example run folder: --config and --out must both be given ('' : optional)
+    routes: tuple = () # (mode, 'module:function') pairs: `--mode <mode>` runs that target instead (its own chapter's)
 
 COMMANDS: dict[str, Command] = {}
 
-def command(prog: str, description: str, target: str, config: bool = True, needs_run: str = ''):
+def command(prog: str, description: str, target: str, config: bool = True, needs_run: str = '', routes: tuple = ()):
     "Register the decorated function as the options of console command `prog`."
     def register(add_options):
-        COMMANDS[prog] = Command(prog, description, target, add_options, config, needs_run)
+        COMMANDS[prog] = Command(prog, description, target, add_options, config, needs_run, routes)
         return add_options
     return register
 
@@ -57,8 +58,8 @@ def parse(prog: str, argv: list[str] | None = None) -> argparse.Namespace:
 @cli_main
 def launch(prog: str, argv: list[str] | None = None) -> Any:
     "Run console command `prog`: parse `argv`, then import and call the function that does the work."
-    args = parse(prog, argv)
-    module, function = COMMANDS[prog].target.split(':')
+    args, c = parse(prog, argv), COMMANDS[prog]
+    module, function = dict(c.routes).get(getattr(args, 'mode', None), c.target).split(':')
     return getattr(importlib.import_module(module), function)(args)
 
 def entry_point(prog: str) -> Callable[[list[str] | None], None]:
@@ -105,7 +106,8 @@ def _train_teacher_options(p):
     p.add_argument('--backbone', metavar='NAME', type=registered(ENCODERS, 'resnet'),
                    help="teacher encoder, a registered name such as resnet101; 'resnet' keeps the configured one (teacher.backbone)")
 
-@command('skinkd_distill', 'Distil, train raw, or test the DeepLabV3+ student.', 'skinkd.distill:distill_command')
+@command('skinkd_distill', 'Distil, train raw, or test the DeepLabV3+ student.', 'skinkd.distill:distill_command',
+         routes=(('test', 'skinkd.evaluate:test_student_command'),))  # scoring lives in the evaluation chapter
 def _distill_options(p):
     p.add_argument('--mode', choices=['distill', 'raw', 'test'], required=True, help='what to run')
     p.add_argument('--teacher_weights', help='teacher checkpoint (required by --mode distill)')

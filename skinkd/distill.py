@@ -17,7 +17,7 @@ import numpy as np
 from .cli import distill_main
 from .core import KD_TERMS
 from .config import (Config, DistillTerm, ModelConfig, SkinkdError, config_from_args,
-                           load_config, recipe_differences, save_config)
+                           load_config, recipe_differences)
 from .learner import Learner, SegTask, default_device, is_main, term_contributions, train_model
 from .losses import DistillationLoss, seg_loss_from_config
 from .metrics import per_image_metrics
@@ -25,8 +25,8 @@ from .models import load_model, prepare_for_inference
 
 # %% auto #0
 __all__ = ['main', 'freeze', 'load_teacher', 'DistillTask', 'student_task', 'check_baseline', 'uses_unlabeled',
-           'check_unlabeled_terms', 'train_student', 'test_student', 'run_mode', 'soft_maps', 'soft_map_figure',
-           'term_curves_figure', 'distill_command']
+           'check_unlabeled_terms', 'train_student', 'run_mode', 'soft_maps', 'soft_map_figure', 'term_curves_figure',
+           'distill_command']
 
 # %% ../nbs/08_distill.ipynb #ff5c6ceb
 def freeze(model: nn.Module, channels_last: bool = True) -> nn.Module:
@@ -117,28 +117,11 @@ def train_student(cfg: Config, # the resolved config
     return train_model(cfg, cfg.student, role='student', mode=mode, make_task=student_task(cfg, mode, teacher))
 
 # %% ../nbs/08_distill.ipynb #7fb4c5a8
-def test_student(cfg: Config, student_weights: str | Path | None = None) -> dict:
-    "Evaluate a student checkpoint on the test split; write metrics.json and per_image.csv."
-    from skinkd.evaluate import evaluate_checkpoint, split_cache, write_json, write_per_image_csv
-    from skinkd.models import load_checkpoint
-    path, out = Path(student_weights or Path(cfg.output.run_dir) / 'checkpoints' / 'best.pt'), Path(cfg.output.run_dir)
-    if not path.is_file():
-        raise SkinkdError(f'--mode test: no checkpoint at {path}; pass --student_weights PATH or --out a run folder with checkpoints/best.pt')
-    if (role := load_checkpoint(path)['role']) != 'student':
-        raise SkinkdError(f'--mode test evaluates students: {path} is a {role} checkpoint; use skinkd_evaluate for any checkpoint')
-    cache = split_cache(cfg, 'test')
-    r = evaluate_checkpoint(path, cache, range(len(cache)), cfg.eval, normalize=cfg.augment.normalize, device=default_device())
-    summary = {**{k: round(float(v), 6) for k, v in r.summary.items()}, 'params': r.params, 'macs': r.macs,
-               'cpu_latency_s': round(r.latency_s, 5), 'checkpoint': str(path)}
-    save_config(cfg, out / 'test_config.yaml')  # beside the training run's config.yaml, which it must not replace
-    write_json(out / 'metrics.json', summary); write_per_image_csv(out / 'per_image.csv', list(cache.ids), [r])
-    return summary
-
 def run_mode(cfg: Config, mode: str, teacher_weights: str | None = None, student_weights: str | None = None,
              baseline: str | None = None) -> dict:
-    "Run one of the modes 'distill', 'raw', 'test'; return its summary."
-    if mode not in ('distill', 'raw', 'test'): raise SkinkdError(f"mode is {mode!r}; allowed: distill, raw, test")
-    if mode == 'test': return test_student(cfg, student_weights)
+    "Run one of the training modes 'distill', 'raw'; return its summary ('test' is `skinkd.evaluate.test_student`)."
+    if mode == 'test': raise SkinkdError("mode 'test' scores a student: call skinkd.evaluate.test_student (skinkd_distill --mode test does)")
+    if mode not in ('distill', 'raw'): raise SkinkdError(f"mode is {mode!r}; allowed: distill, raw, test")
     learner = train_student(cfg, mode, teacher_weights, baseline)
     return {'mode': mode, 'run_dir': cfg.output.run_dir, 'best_val_dice': round(learner.best, 4), 'epochs': learner.epoch}
 

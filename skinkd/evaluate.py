@@ -22,10 +22,10 @@ from .cli import evaluate_main
 from .config import Config, EvalConfig, SkinkdError, atomic_write, config_from_args, from_dict, save_config, unique_names
 from .data import get_data
 from .data import normalize as imagenet_normalize  # `normalize` is a flag here
-from .learner import save_figure
+from .learner import default_device, save_figure
 from .metrics import JACCARD_THRESHOLD, METRICS, per_image_metrics, probs_to_mask, score_at_original, summarize
-from .models import compile_for_inference, count_macs, count_params, load_model, prepare_for_inference
-from .viewer import ERROR_COLORS, overlay, save_predictions
+from .models import compile_for_inference, count_macs, count_params, load_checkpoint, load_model, prepare_for_inference
+from .overlays import ERROR_COLORS, overlay, save_predictions
 
 # %% auto #0
 __all__ = ['MODE_NAMES', 'VERDICT_HEADS', 'TABLE_METRICS', 'ERROR_KEY', 'main', 'EvaluationError', 'predict', 'score_model',
@@ -33,7 +33,8 @@ __all__ = ['MODE_NAMES', 'VERDICT_HEADS', 'TABLE_METRICS', 'ERROR_KEY', 'main', 
            'bootstrap_ci', 'wilcoxon_p', 'paired_comparison', 'Verdict', 'dice_verdict', 'md_table', 'results_table',
            'ratio_table', 'paired_table', 'box_plots', 'worst_cases_figure', 'Evaluation', 'pair_verdict',
            'write_per_image_csv', 'write_json', 'report_markdown', 'evaluate_checkpoints', 'viewer_metrics',
-           'verdict_dict', 'split_cache', 'evaluate_from_config', 'evaluate_command']
+           'verdict_dict', 'split_cache', 'evaluate_from_config', 'evaluate_command', 'test_student',
+           'test_student_command']
 
 # %% ../nbs/09_evaluate.ipynb #a6f85d00
 class EvaluationError(SkinkdError, ValueError):
@@ -471,3 +472,25 @@ def evaluate_command(args: argparse.Namespace) -> Evaluation:
     return ev
 
 main = evaluate_main  # the console script: parses in skinkd.cli, then calls evaluate_command
+
+# %% ../nbs/09_evaluate.ipynb #4fa275f8
+def test_student(cfg: Config, student_weights: str | Path | None = None) -> dict:
+    "Evaluate a student checkpoint on the test split; write metrics.json and per_image.csv."
+    path, out = Path(student_weights or Path(cfg.output.run_dir) / 'checkpoints' / 'best.pt'), Path(cfg.output.run_dir)
+    if not path.is_file():
+        raise SkinkdError(f'--mode test: no checkpoint at {path}; pass --student_weights PATH or --out a run folder with checkpoints/best.pt')
+    if (role := load_checkpoint(path)['role']) != 'student':
+        raise SkinkdError(f'--mode test evaluates students: {path} is a {role} checkpoint; use skinkd_evaluate for any checkpoint')
+    cache = split_cache(cfg, 'test')
+    r = evaluate_checkpoint(path, cache, range(len(cache)), cfg.eval, normalize=cfg.augment.normalize, device=default_device())
+    summary = {**{k: round(float(v), 6) for k, v in r.summary.items()}, 'params': r.params, 'macs': r.macs,
+               'cpu_latency_s': round(r.latency_s, 5), 'checkpoint': str(path)}
+    save_config(cfg, out / 'test_config.yaml')  # beside the training run's config.yaml, which it must not replace
+    write_json(out / 'metrics.json', summary); write_per_image_csv(out / 'per_image.csv', list(cache.ids), [r])
+    return summary
+
+def test_student_command(args: argparse.Namespace) -> dict:
+    "What `skinkd_distill --mode test` does (routed here by `skinkd.cli`): score the student, print the summary as JSON."
+    result = test_student(config_from_args(args), args.student_weights)
+    print(json.dumps(result))
+    return result

@@ -6,10 +6,7 @@
 from __future__ import annotations
 
 import html
-import io
-import zipfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import ipywidgets as widgets
 import numpy as np
@@ -17,138 +14,19 @@ import torch
 from fastcore.basics import patch
 from PIL import Image
 
-from .config import SkinkdError, atomic_write
 from .metrics import per_image_metrics
+from .overlays import (ERROR_COLORS, OVERLAY_MODES, PALETTE, PREDICTIONS_FORMAT, SPARE_COLORS, ViewerError, _check_lengths,
+                             as_mask, as_rgb, blend, error_map, layer_color, load_predictions, mask_edges, overlay, save_predictions,
+                             side_by_side, to_png)
+
+_all_ = ['ERROR_COLORS', 'OVERLAY_MODES', 'PALETTE', 'PREDICTIONS_FORMAT', 'SPARE_COLORS', 'ViewerError', 'as_mask', 'as_rgb', 'blend',
+         'error_map', 'layer_color', 'load_predictions', 'mask_edges', 'overlay', 'save_predictions', 'side_by_side', 'to_png']  # 05a_overlays' names, importable from here as before
 
 # %% auto #0
-__all__ = ['PALETTE', 'SPARE_COLORS', 'ERROR_COLORS', 'OVERLAY_MODES', 'LOWER_IS_BETTER', 'PREDICTIONS_FORMAT', 'VIEW_MODES',
-           'ViewerError', 'layer_color', 'as_rgb', 'as_mask', 'blend', 'mask_edges', 'error_map', 'overlay',
-           'side_by_side', 'to_png', 'lower_is_better', 'sort_order', 'metrics_html', 'save_predictions',
-           'load_predictions', 'overlap_scores', 'synthetic_example', 'MaskViewer', 'LazyImages']
-
-# %% ../nbs/10_viewer.ipynb #0c5d0ab6
-class ViewerError(SkinkdError, ValueError):
-    "Bad viewer input: mismatched shapes, an unknown layer, a missing or damaged predictions file."
-
-# %% ../nbs/10_viewer.ipynb #53523e9f
-PALETTE = {'ground truth': (0, 255, 0), 'teacher': (0, 128, 255), 'raw': (255, 165, 0), 'distilled': (255, 0, 255)}
-SPARE_COLORS = ((255, 255, 0), (0, 255, 255), (255, 80, 80), (160, 100, 255))
-ERROR_COLORS = {'tp': (0, 200, 0), 'fp': (255, 0, 0), 'fn': (0, 90, 255)}
-
-def layer_color(name: str, # layer name, e.g. 'ground truth' or 'distilled'
-                i: int = 0, # position of the layer, picks a spare colour for unknown names
-               ) -> tuple[int, int, int]:
-    "The RGB colour of layer `name`: fixed for the usual layers, else the `i`-th spare colour."
-    return PALETTE.get(name, SPARE_COLORS[i % len(SPARE_COLORS)])
-
-# %% ../nbs/10_viewer.ipynb #dc2b2684
-def as_rgb(image) -> np.ndarray:
-    "`image` as an (H,W,3) uint8 array; grey images are repeated over the channels, alpha is dropped."
-    a = np.asarray(image)
-    if a.dtype != np.uint8:
-        raise ViewerError(f'images must be uint8 arrays, got {a.dtype}; convert with (x * 255).round().astype(np.uint8)')
-    if a.ndim == 2: a = np.repeat(a[..., None], 3, axis=2)
-    if a.ndim != 3 or a.shape[2] not in (3, 4): raise ViewerError(f'an image must be (H,W), (H,W,3) or (H,W,4), got shape {a.shape}')
-    return a[..., :3]
-
-def as_mask(mask, # bool, {0,1} or {0,255} array, (H,W) or (1,H,W)
-            hw: tuple[int, int], # the image's (height, width)
-            name: str = 'mask', # layer name for the error message
-           ) -> np.ndarray:
-    "`mask` as an (H,W) bool array; a shape other than the image's raises `ViewerError`."
-    m = np.asarray(mask)
-    if m.ndim == 3 and m.shape[0] == 1: m = m[0]
-    if m.shape != tuple(hw): raise ViewerError(f"layer '{name}' has shape {m.shape} but its image is {tuple(hw)}; masks must match their image")
-    return m > 0
-
-# %% ../nbs/10_viewer.ipynb #795725ab
-def blend(image: np.ndarray, # (H,W,3) uint8 image
-          where: np.ndarray, # (H,W) bool: the pixels to colour
-          color, # RGB colour
-          alpha: float, # opacity of the colour, 0..1
-         ) -> np.ndarray:
-    "A copy of `image` whose pixels `where` are mixed with `color` at opacity `alpha` (integer arithmetic)."
-    a = int(round(256 * float(np.clip(alpha, 0, 1))))
-    out = image.copy()
-    px = image[where].astype(np.int32)
-    out[where] = ((px * (256 - a) + np.asarray(color, np.int32) * a + 128) >> 8).astype(np.uint8)
-    return out
-
-# %% ../nbs/10_viewer.ipynb #38ec1fad
-def mask_edges(mask: np.ndarray, # (H,W) bool mask
-               width: int = 1, # line width in pixels
-              ) -> np.ndarray:
-    "The inner boundary of `mask`: its pixels within `width` 4-neighbour steps of the background or border."
-    inner = mask.astype(bool)
-    for _ in range(width):
-        p = np.pad(inner, 1, constant_values=False)
-        inner = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    return mask.astype(bool) & ~inner
-
-# %% ../nbs/10_viewer.ipynb #682a8adc
-OVERLAY_MODES = ('filled', 'contour', 'error')
-
-def _named_masks(masks, hw) -> tuple[list[str], list[np.ndarray]]:
-    "Names and bool arrays of `masks`: a dict, a sequence (named 'mask 0', ...) or a single (H,W) array."
-    if isinstance(masks, np.ndarray) and masks.ndim == 2: masks = [masks]
-    items = list(masks.items()) if isinstance(masks, Mapping) else [(f'mask {i}', m) for i, m in enumerate(masks)]
-    return [str(n) for n, _ in items], [as_mask(m, hw, n) for n, m in items]
-
-def _layer_colors(names: list[str], colors) -> list:
-    "One colour per layer: from `colors` (a sequence or a dict by name) or the palette."
-    if colors is None: return [layer_color(n, i) for i, n in enumerate(names)]
-    if isinstance(colors, Mapping): return [colors.get(n, layer_color(n, i)) for i, n in enumerate(names)]
-    if len(colors) != len(names): raise ViewerError(f'got {len(colors)} colours for {len(names)} masks; pass one colour per mask')
-    return list(colors)
-
-# %% ../nbs/10_viewer.ipynb #f6bb31c9
-def error_map(image: np.ndarray, # (H,W,3) uint8 image
-              truth: np.ndarray, # (H,W) bool ground truth
-              pred: np.ndarray, # (H,W) bool prediction
-              colors=None, # (tp, fp, fn) colours or a dict with keys 'tp', 'fp', 'fn'; None: `ERROR_COLORS`
-              alpha: float = 0.5, # opacity of the colours
-             ) -> np.ndarray:
-    "`image` with true positives, false positives and false negatives of `pred` against `truth` coloured."
-    if colors is None or isinstance(colors, Mapping): colors = [{**ERROR_COLORS, **(colors or {})}[k] for k in ('tp', 'fp', 'fn')]
-    if len(colors) != 3: raise ViewerError(f"the error map needs 3 colours (tp, fp, fn), got {len(colors)}")
-    for where, color in zip((truth & pred, ~truth & pred, truth & ~pred), colors): image = blend(image, where, color, alpha)
-    return image
-
-# %% ../nbs/10_viewer.ipynb #7f3a861f
-def overlay(image, # (H,W,3) or (H,W) uint8 image
-            masks, # sequence or dict name -> (H,W) mask (bool, {0,1} or {0,255}); 'error': [truth, prediction]
-            colors=None, # one RGB colour per mask (or a dict by name); 'error': (tp, fp, fn). None: the palette
-            alpha: float = 0.5, # opacity of fills and error colours, 0..1 (rounded to 1/256)
-            mode: str = 'filled', # 'filled', 'contour' (opaque outlines) or 'error' (TP/FP/FN map)
-            width: int = 1, # outline width in pixels ('contour')
-           ) -> np.ndarray:
-    "A new (H,W,3) uint8 image: `image` with `masks` drawn on it."
-    if mode not in OVERLAY_MODES: raise ViewerError(f"overlay mode {mode!r} is unknown; use one of {', '.join(OVERLAY_MODES)}")
-    img = as_rgb(image)
-    names, ms = _named_masks(masks, img.shape[:2])
-    if mode == 'error':
-        if len(ms) != 2: raise ViewerError(f"the error map needs two masks (truth, prediction), got {len(ms)}")
-        return error_map(img.copy(), ms[0], ms[1], colors, alpha)
-    for m, color in zip(ms, _layer_colors(names, colors)):
-        img = blend(img, mask_edges(m, width), color, 1.0) if mode == 'contour' else blend(img, m, color, alpha)
-    return img
-
-# %% ../nbs/10_viewer.ipynb #cfef961c
-def side_by_side(panels: Sequence[np.ndarray], # (H,W,3) uint8 images of one height
-                 gap: int = 4, # width of the band between panels, in pixels
-                 fill: int = 255, # grey level of the band
-                ) -> np.ndarray:
-    "The panels placed left to right, separated by `gap` columns of grey level `fill`."
-    panels = [as_rgb(p) for p in panels]
-    if len({p.shape[0] for p in panels}) > 1: raise ViewerError(f'side-by-side panels need one height, got {[p.shape[0] for p in panels]}')
-    band = np.full((panels[0].shape[0], gap, 3), fill, np.uint8)
-    return np.concatenate([x for p in panels for x in (band, p)][1:], axis=1)
-
-def to_png(image) -> bytes:
-    "PNG bytes of a uint8 image; the same array always gives the same bytes."
-    buf = io.BytesIO()
-    Image.fromarray(as_rgb(image)).save(buf, format='PNG', compress_level=1)
-    return buf.getvalue()
+__all__ = ['LOWER_IS_BETTER', 'VIEW_MODES', 'lower_is_better', 'sort_order', 'metrics_html', 'overlap_scores',
+           'synthetic_example', 'MaskViewer', 'LazyImages', 'ERROR_COLORS', 'OVERLAY_MODES', 'PALETTE',
+           'PREDICTIONS_FORMAT', 'SPARE_COLORS', 'ViewerError', 'as_mask', 'as_rgb', 'blend', 'error_map',
+           'layer_color', 'load_predictions', 'mask_edges', 'overlay', 'save_predictions', 'side_by_side', 'to_png']
 
 # %% ../nbs/10_viewer.ipynb #dbc4a89b
 LOWER_IS_BETTER = ('hd95', 'hausdorff', 'loss', 'error', 'failure')
@@ -182,52 +60,6 @@ def metrics_html(row: Mapping[str, float]) -> str:
     head = '<tr><th></th>' + ''.join(f'<th>{html.escape(m)}</th>' for m in models) + '</tr>'
     cells = lambda n: ''.join(f"<td>{_fmt(row.get(f'{m}/{n}', np.nan))}</td>" for m in models)
     return '<table>' + head + ''.join(f'<tr><td>{html.escape(n)}</td>{cells(n)}</tr>' for n in names) + '</table>'
-
-# %% ../nbs/10_viewer.ipynb #66469766
-PREDICTIONS_FORMAT = 'skinkd-predictions/1'
-
-def _check_lengths(n: int, **columns):
-    "Raise `ViewerError` unless every non-None column has `n` entries."
-    for name, col in columns.items():
-        if col is not None and len(col) != n: raise ViewerError(f'{name} has {len(col)} entries for {n} images; pass one per image')
-
-def _atomic_savez(path: Path, arrays: dict):
-    "Write `arrays` as a compressed npz at `path`, atomically."
-    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
-
-# %% ../nbs/10_viewer.ipynb #3b0f7b83
-def save_predictions(path, # the .npz file to write (usually run_dir/'predictions.npz')
-                     ids: Sequence[str], # one id per image
-                     images, # (N,S,S,3) uint8 images
-                     truth=None, # (N,S,S) ground-truth masks, or None
-                     preds: Mapping[str, np.ndarray] | None = None, # model name -> (N,S,S) binary masks
-                     metrics: Mapping[str, Sequence[float]] | None = None, # column -> (N,) per-image values
-                    ) -> Path:
-    "Write the viewer's predictions file atomically; returns its path."
-    n = len(ids); preds, metrics = dict(preds or {}), dict(metrics or {})
-    _check_lengths(n, images=images, truth=truth, **{f"prediction '{k}'": v for k, v in preds.items()}, **{f"metric '{k}'": v for k, v in metrics.items()})
-    arrays = dict(format=np.array(PREDICTIONS_FORMAT), ids=np.array([str(i) for i in ids], dtype=str), images=np.asarray(images, np.uint8))
-    if truth is not None: arrays['truth'] = (np.asarray(truth) > 0).astype(np.uint8)
-    arrays |= {f'pred/{k}': (np.asarray(v) > 0).astype(np.uint8) for k, v in preds.items()}
-    arrays |= {f'metric/{k}': np.asarray(v, np.float64) for k, v in metrics.items()}
-    _atomic_savez(Path(path), arrays)
-    return Path(path)
-
-# %% ../nbs/10_viewer.ipynb #7d0b75dc
-def load_predictions(path) -> dict:
-    "Read a predictions file, or the one in run folder `path`: dict of ids, images, truth, preds, metrics."
-    p = Path(path)
-    if p.is_dir(): p = p / 'predictions.npz'
-    if not p.is_file(): raise ViewerError(f'{p} not found; write it with `skinkd_evaluate --out {p.parent} ...` (or skinkd.viewer.save_predictions)')
-    try:
-        with np.load(p, allow_pickle=False) as z: data = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise ViewerError(f'{p} is not a readable predictions file ({e}); it may be truncated: run skinkd_evaluate again') from None
-    if str(data.get('format', '')) != PREDICTIONS_FORMAT:
-        raise ViewerError(f"{p} is not a skinkd predictions file (format {str(data.get('format', 'missing'))!r}, expected {PREDICTIONS_FORMAT!r})")
-    return dict(ids=[str(i) for i in data['ids']], images=data['images'], truth=data.get('truth'),
-                preds={k[5:]: v for k, v in data.items() if k.startswith('pred/')},
-                metrics={k[7:]: v for k, v in data.items() if k.startswith('metric/')})
 
 # %% ../nbs/10_viewer.ipynb #746cb838
 def overlap_scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:

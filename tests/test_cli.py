@@ -1,5 +1,6 @@
 "Every console command answers --help: exit 0, its own name in the usage line, and its options listed."
 import configparser
+from pathlib import Path
 import subprocess
 import sys
 
@@ -69,3 +70,19 @@ def test_entry_points_exit_zero_when_the_command_returns_a_value():
             "sys.exit(cli.entry_point('skinkd_probe')([]))\n")
     p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stderr == '', p.stderr
+
+
+def test_no_module_imports_a_later_chapter():
+    "Floors in reading order: every import of a skinkd module, at the top or inside a function, names an earlier chapter."
+    import ast, re
+    pkg = Path(__file__).resolve().parents[1] / 'skinkd'
+    chapter = {p.stem: m.group(1) for p in pkg.glob('*.py') if (m := re.search(r'File to edit: \.\./nbs/(\S+)\.ipynb', p.read_text()))}
+    assert chapter['overlays'] < chapter['evaluate'] < chapter['viewer'] and len(chapter) >= 15
+    late = []
+    for mod, nb in chapter.items():
+        for node in ast.walk(ast.parse((pkg / f'{mod}.py').read_text())):
+            names = ([node.module.split('.')[0]] if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module else
+                     [node.module.split('.')[1]] if isinstance(node, ast.ImportFrom) and (node.module or '').startswith('skinkd.') else
+                     [a.name.split('.')[1] for a in node.names if a.name.startswith('skinkd.')] if isinstance(node, ast.Import) else [])
+            late += [f'{mod} ({nb}) imports {n} ({chapter[n]}) at line {node.lineno}' for n in names if n in chapter and chapter[n] > nb]
+    assert late == []
