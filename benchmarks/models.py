@@ -21,7 +21,12 @@ there (about twice the MACs for ResNet-18), so only the separable rows compare t
 At one thread PyTorch sends 1x1 convolutions at batch < 16 to its native GEMM instead of oneDNN (for both models),
 so run it at the default thread count and at --threads 1 to see both regimes.
 
-Usage: python benchmarks/models.py [--quick] [--threads N]   (smp is a benchmark-only dependency)
+A second table compares the students skinkd can build through its encoder registry: the MobileNetV3-Large student
+against the ResNet-18 student (standard and separable ASPP/decoder each): parameters, MACs, compiled and eager
+latency at batch 1 and training throughput, alternated in one process; ratios are against the ResNet-18 standard
+student (the default).
+
+Usage: python benchmarks/models.py [--quick] [--threads N] [--students-only]   (smp is a benchmark-only dependency)
 """
 import argparse
 import time
@@ -107,20 +112,56 @@ def print_table(rows):
               f"training {tr:.2f}x >= 1.0x {'met' if tr >= 1.0 else 'NOT met'}")
 
 
+STUDENTS = [('resnet18', False), ('resnet18', True), ('mobilenet_v3_large', False), ('mobilenet_v3_large', True)]
+
+def bench_students(reps, size=256, batch=4):
+    "Rows of the student table: every student's size, compiled and eager latency and training speed, alternated."
+    torch.manual_seed(0)
+    models = {f"{b} {'sep' if s else 'std'}": DeepLabV3Plus(b, aspp_separable=s) for b, s in STUDENTS}
+    rows = {k: dict(model=k, params=count_params(m), macs=count_macs(m, size)) for k, m in models.items()}
+    x1, xb = torch.randn(1, 3, size, size), torch.randn(batch, 3, size, size)
+    yb = (torch.rand(batch, 1, size, size) > 0.5).float()
+    compiled = {k: prepare_for_inference(m, compile=True) for k, m in models.items()}
+    eager = {k: prepare_for_inference(m) for k, m in models.items()}
+    for k, c in compiled.items(): rows[k]['compile_s'] = infer_step(c, x1)
+    times = alternate([(lambda c=c: infer_step(c, x1)) for c in compiled.values()] +
+                      [(lambda e=e: infer_step(e, x1)) for e in eager.values()], reps)
+    for i, k in enumerate(models): rows[k]['infer'] = (times[i], times[len(models) + i])
+    train = {k: prepare_for_training(m.train()) for k, m in models.items()}
+    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in train.items()}
+    tt = alternate([(lambda k=k: train_step(train[k], opts[k], xb, yb)) for k in train], reps)
+    for k, t in zip(train, tt): rows[k]['train'] = batch / t
+    return list(rows.values())
+
+
+def print_students(rows):
+    "The student table, with ratios against the first row (the default ResNet-18 student)."
+    base = rows[0]
+    print(f"\n{'student':24} {'params M':>8} {'GMACs':>6} {'compiled ms':>11} {'eager ms':>9} {'train img/s':>11} | "
+          f"{'params':>6} {'MACs':>6} {'compiled':>8} {'train':>6}  (x the {base['model']} student)")
+    for r in rows:
+        print(f"{r['model']:24} {r['params'] / 1e6:8.2f} {r['macs'] / 1e9:6.2f} {r['infer'][0] * 1e3:11.1f} {r['infer'][1] * 1e3:9.1f} "
+              f"{r['train']:11.2f} | {r['params'] / base['params']:6.2f} {r['macs'] / base['macs']:6.2f} "
+              f"{base['infer'][0] / r['infer'][0]:7.2f}x {r['train'] / base['train']:5.2f}x")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--quick', action='store_true', help='student (ResNet-18) rows only, fewer repetitions')
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch default)')
+    p.add_argument('--students-only', action='store_true', help='only the student table (ResNet-18 vs MobileNetV3-Large)')
     a = p.parse_args(argv)
     if a.threads: torch.set_num_threads(a.threads)
     pairs = [('resnet18', True), ('resnet18', False)] + ([] if a.quick else [('resnet101', True), ('resnet101', False)])
     reps = 5 if a.quick else 7
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, 256x256; inference batch 1, training batch 4')
-    rows = []
-    for backbone, sep in pairs:
-        rows.append(bench_pair(backbone, sep, reps if backbone == 'resnet18' else 5))
-        print(f'  done {rows[-1]["model"]}', flush=True)
-    print_table(rows)
+    if not a.students_only:
+        rows = []
+        for backbone, sep in pairs:
+            rows.append(bench_pair(backbone, sep, reps if backbone == 'resnet18' else 5))
+            print(f'  done {rows[-1]["model"]}', flush=True)
+        print_table(rows)
+    print_students(bench_students(reps))
 
 
 if __name__ == '__main__': main()
