@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from skinkd.config import scratch_dir
-from skinkd.data import _draw_synth, build_cache, discover, load_pair, make_synthetic, prepare_pair
+from skinkd.data import build_cache, discover, load_pair, make_synthetic, prepare_pair
+from skinkd.synthetic import _draw_synth
 
 
 def timed(fn, repeat=3):

@@ -34,7 +34,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from skinkd.models import DeepLabV3Plus, aspp_rates, count_macs, count_params, prepare_for_inference, prepare_for_training
+from skinkd.export import prepare_for_inference
+from skinkd.models import DeepLabV3Plus, aspp_rates, count_macs, count_params, prepare_for_training
 
 
 def smp_model(backbone, separable):

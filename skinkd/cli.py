@@ -80,7 +80,7 @@ def registered(registry: Registry, *fixed: str):
     return check
 
 # %% ../nbs/00b_cli.ipynb #9ddd887f
-@command('skinkd_synth', 'Write synthetic dermoscopy images and masks in the ISIC 2018 layout.', 'skinkd.data:synth_command', config=False)
+@command('skinkd_synth', 'Write synthetic dermoscopy images and masks in the ISIC 2018 layout.', 'skinkd.synthetic:synth_command', config=False)
 def _synth_options(p):
     p.add_argument('--out', required=True, help='output folder')
     p.add_argument('--n', type=int, default=100, help='number of images')
@@ -92,7 +92,7 @@ def _check_data_options(p):
     p.add_argument('--data', required=True, help='dataset folder')
     p.add_argument('--layout', default='auto', help='folder layout (default: auto, detect it); a wrong name lists the registered ones')
 
-@command('skinkd_export', 'Export a skinkd checkpoint to ONNX or TorchScript.', 'skinkd.models:export_command', config=False)
+@command('skinkd_export', 'Export a skinkd checkpoint to ONNX or TorchScript.', 'skinkd.export:export_command', config=False)
 def _export_options(p):
     p.add_argument('--weights', required=True, help='checkpoint (.pt) written by skinkd')
     p.add_argument('--format', required=True, choices=('onnx', 'torchscript'), help='export format')

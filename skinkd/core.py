@@ -17,12 +17,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 # %% auto #0
-__all__ = ['LAYOUTS', 'KD_TERMS', 'ENCODERS', 'SkinkdError', 'cli_main', 'scratch_dir', 'atomic_write', 'unique_names',
-           'UnknownEntry', 'did_you_mean', 'Registry', 'OneOf']
+__all__ = ['LAYOUTS', 'KD_TERMS', 'ENCODERS', 'SkinkdError', 'DataError', 'cli_main', 'scratch_dir', 'atomic_write',
+           'unique_names', 'UnknownEntry', 'did_you_mean', 'Registry', 'OneOf']
 
 # %% ../nbs/00_core.ipynb #1d46c2c4
 class SkinkdError(Exception):
     "An error the user can fix: the message names the file or key and the fix."
+
+# %% ../nbs/00_core.ipynb #fde217ba
+class DataError(SkinkdError, ValueError):
+    "A data folder, file or split that cannot be used as it is."
 
 # %% ../nbs/00_core.ipynb #67ab0b16
 def cli_main(fn):

@@ -21,7 +21,8 @@ from .config import (Config, DistillTerm, ModelConfig, SkinkdError, config_from_
 from .learner import Learner, SegTask, default_device, is_main, term_contributions, train_model
 from .losses import DistillationLoss, seg_loss_from_config
 from .metrics import per_image_metrics
-from .models import load_model, prepare_for_inference
+from .export import prepare_for_inference
+from .models import load_model
 
 # %% auto #0
 __all__ = ['main', 'freeze', 'load_teacher', 'DistillTask', 'student_task', 'check_baseline', 'uses_unlabeled',

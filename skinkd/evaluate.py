@@ -24,7 +24,8 @@ from .data import get_data
 from .data import normalize as imagenet_normalize  # `normalize` is a flag here
 from .learner import default_device, save_figure
 from .metrics import JACCARD_THRESHOLD, METRICS, per_image_metrics, probs_to_mask, score_at_original, summarize
-from .models import compile_for_inference, count_macs, count_params, load_checkpoint, load_model, prepare_for_inference
+from .export import compile_for_inference, prepare_for_inference
+from .models import count_macs, count_params, load_checkpoint, load_model
 from .overlays import ERROR_COLORS, overlay, save_predictions
 
 # %% auto #0

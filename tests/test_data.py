@@ -15,7 +15,8 @@ from torchvision import tv_tensors
 from skinkd.config import AugmentConfig, load_config
 from skinkd.data import (DataError, EpochSampler, Sample, SegDataset, build_cache, build_loader, build_transforms, check_data,
                          denormalize, detect_layout, discover, get_data, make_synthetic, mirror_pad_to_square,
-                         restore_original, split_samples, synth_image, usable_samples)
+                         restore_original, split_samples, usable_samples)
+from skinkd.synthetic import synth_image
 
 
 def _pair(h=24, w=32, seed=0):

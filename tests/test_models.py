@@ -13,10 +13,9 @@ import torchvision
 from torch import nn
 
 from skinkd.config import ModelConfig, SkinkdError
+from skinkd.export import example_input, export_checkpoint, export_model, fold_batchnorm, prepare_for_inference, run_exported
 from skinkd.models import (AtrousConv2d, CheckpointError, DeepLabV3Plus, PretrainedError, ResNetBackbone, build_model, count_macs,
-                           count_params, export_model, fold_batchnorm, load_checkpoint, load_model, load_weights,
-                           prepare_for_inference, run_exported, save_checkpoint, example_input, IMAGENET_WEIGHTS,
-                           export_checkpoint)
+                           count_params, load_checkpoint, load_model, load_weights, save_checkpoint, IMAGENET_WEIGHTS)
 
 from conftest import with_trained_like_batchnorm
 
@@ -281,7 +280,7 @@ def test_export_parity(fmt, trained_like, tmp_path):
 
 def _cli(*args):
     exe = Path(sys.executable).parent / 'skinkd_export'
-    cmd = [str(exe)] if exe.exists() else [sys.executable, '-c', 'from skinkd.models import export_cli; export_cli()']
+    cmd = [str(exe)] if exe.exists() else [sys.executable, '-c', 'from skinkd.export import export_cli; export_cli()']
     return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=120)
 
 
@@ -369,7 +368,7 @@ def test_export_onto_a_full_disk_fails_and_leaves_no_file(full_disk, fmt):
 @pytest.mark.parametrize('fmt', ['torchscript', 'onnx'])
 def test_export_past_a_file_size_limit_fails_and_leaves_no_file(tmp_path, fmt):
     "The unprivileged twin of the full-disk test: RLIMIT_FSIZE makes the write itself fail (EFBIG), in a real process."
-    code = ('import resource, signal, sys, torch\nfrom torch import nn\nfrom skinkd.models import export_model\n'
+    code = ('import resource, signal, sys, torch\nfrom torch import nn\nfrom skinkd.export import export_model\n'
             'signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n'
             'resource.setrlimit(resource.RLIMIT_FSIZE, (16384, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n'
             'model = nn.Sequential(nn.Conv2d(3, 256, 3, padding=1), nn.Conv2d(256, 1, 3, padding=1))\n'
