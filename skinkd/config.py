@@ -311,6 +311,16 @@ def _coerce(value, tp, path: str):
         return [_coerce(v, item, f'{path}[{i}]') for i, v in enumerate(value)]
     return _coerce_scalar(value, tp, path)
 
+# %% ../nbs/00a_config.ipynb #29294181
+def _check_consistency(obj, path: str):
+    "Checks that involve more than one key of a section."
+    if isinstance(obj, DataConfig) and obj.val_fraction + obj.test_fraction >= 1:
+        raise ConfigError(f"config keys '{_join(path, 'val_fraction')}' + '{_join(path, 'test_fraction')}' "
+                          f"= {obj.val_fraction + obj.test_fraction:g}; they must leave some training data (sum < 1)")
+    if isinstance(obj, AugmentConfig) and obj.scale_min > obj.scale_max:
+        raise ConfigError(f"config key '{_join(path, 'scale_min')}' ({obj.scale_min}) must be <= "
+                          f"'{_join(path, 'scale_max')}' ({obj.scale_max})")
+
 # %% ../nbs/00a_config.ipynb #7125ca16
 def from_dict(cls, data: Any, # YAML data for the dataclass `cls`
               path: str = '', # dotted path of `data` inside the whole config, for messages
@@ -333,16 +343,6 @@ def from_dict(cls, data: Any, # YAML data for the dataclass `cls`
     obj = cls(**kwargs)
     _check_consistency(obj, path)
     return obj
-
-# %% ../nbs/00a_config.ipynb #29294181
-def _check_consistency(obj, path: str):
-    "Checks that involve more than one key of a section."
-    if isinstance(obj, DataConfig) and obj.val_fraction + obj.test_fraction >= 1:
-        raise ConfigError(f"config keys '{_join(path, 'val_fraction')}' + '{_join(path, 'test_fraction')}' "
-                          f"= {obj.val_fraction + obj.test_fraction:g}; they must leave some training data (sum < 1)")
-    if isinstance(obj, AugmentConfig) and obj.scale_min > obj.scale_max:
-        raise ConfigError(f"config key '{_join(path, 'scale_min')}' ({obj.scale_min}) must be <= "
-                          f"'{_join(path, 'scale_max')}' ({obj.scale_max})")
 
 # %% ../nbs/00a_config.ipynb #bae99c2a
 OLD_TERM_DEFAULTS = {'temperature': 1.0, 'normalize': False, 'pool_size': 16}  # what configs saved before the registry hold for every kind

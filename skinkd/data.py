@@ -63,7 +63,6 @@ ISIC_PARTS = {
                  for s, d in (('train', 'Training'), ('val', 'Validation'), ('test', 'Test_v2'))],
     'isic2018': [(s, f'ISIC2018_Task1-2_{d}_Input', f'ISIC2018_Task1_{d}_GroundTruth') for s, d in ISIC2018_DIRS.items()]}
 
-# %% ../nbs/01_data.ipynb #31fd3884
 def _image_files(folder: Path) -> list[Path]:
     "Image files in `folder` (sorted; ISIC superpixel files left out)."
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file()
@@ -96,7 +95,6 @@ def layout(name: str, detect: Callable[[Path], bool], fallback: bool = False):
         return scan
     return register
 
-# %% ../nbs/01_data.ipynb #0f5de7ee
 def _scan_isic(root: Path, layout: str):
     "Samples and orphan masks of an ISIC layout; parts without a ground-truth folder are skipped."
     samples, orphans, found = [], [], False
@@ -118,7 +116,6 @@ def _has_isic(root: Path, layout: str) -> bool:
 for _name in ISIC_PARTS:  # isic2016, isic2017, isic2018: one scan function, three registered layouts
     layout(_name, detect=partial(_has_isic, layout=_name))(partial(_scan_isic, layout=_name))
 
-# %% ../nbs/01_data.ipynb #4d5484f9
 def _ph2_root(root: Path) -> Path | None:
     "The 'PH2 Dataset images' folder at or under `root`, if any."
     for c in (root / 'PH2 Dataset images', root / 'PH2Dataset' / 'PH2 Dataset images', root):
@@ -144,7 +141,6 @@ def _scan_generic(root: Path):
         raise DataError(f'{root} needs an images/ and a masks/ folder (generic layout), or pass --layout with one of {", ".join(n for n in LAYOUTS if n != "generic")}')
     return _pair_folder(root / 'images', root / 'masks', None)
 
-# %% ../nbs/01_data.ipynb #8aed23d1
 def detect_layout(root: str | Path) -> str:
     "The name of the layout found in `root` (isic2016/2017/2018, ph2 or generic)."
     root = Path(root)
@@ -219,7 +215,6 @@ def read_split_file(path: str | Path) -> dict[str, str]:
             out[r[0].strip()] = sp
     return out
 
-# %% ../nbs/01_data.ipynb #835d4558
 def _keep_groups_together(assign: dict[str, str], group_of: dict[str, str]) -> dict[str, str]:
     "Move every group that straddles splits to the most held-out split among its members."
     rank = {'test': 0, 'val': 1, 'train': 2}
@@ -229,7 +224,6 @@ def _keep_groups_together(assign: dict[str, str], group_of: dict[str, str]) -> d
         if g not in side or rank[sp] < rank[side[g]]: side[g] = sp
     return {x: side[group_of.get(x, x)] for x in assign}
 
-# %% ../nbs/01_data.ipynb #5167610f
 def split_samples(samples: list[Sample], # discovered samples
                   val_fraction: float = 0.15, # validation share (when there is no official part)
                   test_fraction: float = 0.15, # test share (when there is no official part)
@@ -285,7 +279,6 @@ def binarize_mask(a: np.ndarray) -> np.ndarray:
     "Boolean lesion mask of a 0/1 or 0/255 mask array."
     return a >= (128 if a.max() > 1 else 1)
 
-# %% ../nbs/01_data.ipynb #a0e87b3c
 def _open(path: Path, what: str) -> Image.Image:
     "Open and decode an image file, raising `DataError` naming it when it cannot be decoded."
     try:
@@ -318,7 +311,6 @@ def _check_sample(s: Sample, needs_mask: bool = True) -> dict:
     elif vals.max() == 0: out['problems'].append(f'mask {s.mask} is empty (no lesion pixels); fix it or remove the pair')
     return out
 
-# %% ../nbs/01_data.ipynb #e6c34902
 @dataclass
 class DataReport:
     "What `check_data` found: samples, unusable pairs, conversions, orphan masks and duplicates."
@@ -342,7 +334,6 @@ class DataReport:
         "One line per unusable pair or orphan mask."
         return [m for v in self.problems.values() for m in v] + [f'mask {p} has no image; add the image or remove the mask' for p in self.orphan_masks]
 
-# %% ../nbs/01_data.ipynb #586a0983
 def _lines(title: str, items: list[str], limit: int = 20) -> list[str]:
     "A titled, indented block of at most `limit` items."
     if not items: return []
@@ -359,7 +350,6 @@ def report_summary(r: DataReport) -> str:
 
 DataReport.summary = report_summary
 
-# %% ../nbs/01_data.ipynb #2e530d09
 def _fingerprint(s: Sample) -> str:
     "A key that changes when either file of the pair changes (path, size, modification time)."
     st = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) if p is not None else None for p in (s.image, s.mask)]
@@ -376,7 +366,6 @@ def _checks(samples: list[Sample], cache_dir: str | Path | None, needs_mask: boo
     if path is not None and todo: atomic_write(path, lambda f: f.write(json.dumps({k: memo[k] for k in keys}).encode()))
     return [memo[k] for k in keys]
 
-# %% ../nbs/01_data.ipynb #0beff69f
 def default_workers(n: int | None = None) -> int:
     "Worker count: `n` if given, else up to 4 and never more than the CPUs this process may use."
     if n is not None: return n
@@ -487,7 +476,6 @@ def cache_key(samples: list[Sample], size: int, mirror_pad: bool, mask_resize: s
     spec = [CACHE_VERSION, size, mirror_pad, mask_resize, [(s.id, _fingerprint(s)) for s in samples]]
     return hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:20]
 
-# %% ../nbs/01_data.ipynb #b705d9bb
 class SegCache:
     "Memory-mapped cache of one split: images (N,S,S,3) and masks (N,S,S) uint8 (None for unlabelled images), ids, sizes."
     def __init__(self, path: str | Path):
@@ -514,7 +502,6 @@ class SegCache:
         "`restore_original` for item `i` of this cache."
         return restore_original(prob, self.orig_hw[i], self.mirror_pad)
 
-# %% ../nbs/01_data.ipynb #873941e0
 def _decode_prepared(s: Sample, size: int, mirror_pad: bool, mask_resize: str):
     "Decode a sample: (image SxSx3, mask SxS, original (H,W), packed original mask); masks None when it has none."
     if s.mask is None:
@@ -543,7 +530,6 @@ def _write_cache(tmp: Path, samples: list[Sample], size: int, mirror_pad: bool, 
     meta = dict(ids=[s.id for s in samples], size=size, mirror_pad=mirror_pad, mask_resize=mask_resize, has_masks=has_masks)
     (tmp / 'meta.json').write_text(json.dumps(meta))
 
-# %% ../nbs/01_data.ipynb #ae8c912a
 def build_cache(samples: list[Sample], # usable samples (see `check_data`)
                 cache_dir: str | Path, # folder holding the caches
                 size: int = 256, # working size in pixels
@@ -718,7 +704,6 @@ class DataBundle:
     loaders: dict[str, DataLoader]
     unlabeled: list[Sample] = field(default_factory=list)  # training images without masks (data.labeled_fraction, distill.unlabeled)
 
-# %% ../nbs/01_data.ipynb #dfc380c2
 def prepare_root(cfg: Config) -> Path:
     "The data root, generating the synthetic set there first when asked for and missing."
     root, d = Path(cfg.data.root), cfg.data
@@ -749,7 +734,6 @@ def get_data(cfg: Config, # the resolved config
                                         d.num_workers, cfg.train.seed)
     return DataBundle(report, splits, caches, datasets, loaders, unmasked)
 
-# %% ../nbs/01_data.ipynb #66ecd452
 def labels_csv(data: DataBundle) -> str:
     "Which training images had masks: CSV rows id,masked (1: with its mask, 0: image only), for the run folder."
     rows = [(s.id, 1) for s in data.samples['train']] + [(s.id, 0) for s in data.unlabeled]

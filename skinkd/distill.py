@@ -134,7 +134,6 @@ def soft_maps(models: dict[str, nn.Module], # name -> segmentation model returni
     "Each model's lesion probability at every pixel, as (N,S,S) float arrays."
     return {name: torch.sigmoid(m.eval()(images)[:, 0].float()).cpu().numpy() for name, m in models.items()}
 
-# %% ../nbs/08_distill.ipynb #1f8924cf
 def soft_map_figure(images: np.ndarray, # (N,S,S,3) uint8 or float images in [0,1]
                     truth: np.ndarray, # (N,S,S) ground-truth masks
                     maps: dict[str, np.ndarray], # model name -> (N,S,S) probabilities (see `soft_maps`)

@@ -295,7 +295,6 @@ def box_plots(results: list[ModelResult], path: str | Path, metrics=('dice', 'ja
     fig.suptitle(f"per-image metrics of {len(results)} model(s) on {len(results[0].per_image['dice'])} images")
     return save_figure(fig, path, dpi=100)
 
-# %% ../nbs/09_evaluate.ipynb #1b5fa047
 ERROR_KEY = {'tp': 'lesion found', 'fp': 'false lesion', 'fn': 'missed lesion'}
 
 def worst_cases_figure(images: np.ndarray, # (N,S,S,3) uint8 working-size images
@@ -351,7 +350,6 @@ def pair_verdict(results: list[ModelResult]) -> Verdict | None:
     return dice_verdict(pair[0].per_image['dice'] - pair[1].per_image['dice'],
                         _finite(teacher.val_dice) if teacher else None, _finite(pair[1].val_dice))
 
-# %% ../nbs/09_evaluate.ipynb #5f8704fa
 def write_per_image_csv(path: Path, ids: list[str], results: list[ModelResult]) -> Path:
     "One row per image: id, then `model/metric` columns."
     cols = [(r, k) for r in results for k in r.per_image]
@@ -385,7 +383,6 @@ def report_markdown(ev: Evaluation, title: str = 'Evaluation report', notes: str
              '## Files\n\n' + '\n'.join(f'- `{p.name}`' for p in ev.files.values())]
     return '\n\n'.join(p for p in parts if p) + '\n'
 
-# %% ../nbs/09_evaluate.ipynb #02a7bd1b
 def evaluate_checkpoints(paths: list, # checkpoint files
                          cache, # the `SegCache` of the evaluation split
                          out: str | Path, # output folder
@@ -460,7 +457,6 @@ def evaluate_from_config(cfg: Config, # resolved config (paths absolute)
     save_config(cfg, out / 'config.yaml')
     return ev
 
-# %% ../nbs/09_evaluate.ipynb #9619abe2
 def evaluate_command(args: argparse.Namespace) -> Evaluation:
     "What `skinkd_evaluate --weights A.pt [B.pt ...]` does (options: `skinkd.cli`): evaluate, print the table and verdict."
     cfg = config_from_args(args, {'data.root': args.data} if args.data else None)

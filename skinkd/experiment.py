@@ -162,7 +162,6 @@ def train_models(cfg: Config, out: Path, plan: list[Run], teacher_weights: str |
         done[f'seed{run.seed}/{run.variant}'] = train_once(_with(cfg, run.folder(out), run.seed, run.terms), train)
     return done
 
-# %% ../nbs/12_experiment.ipynb #82df73b3
 def score_models(cfg: Config, done: dict[str, dict]) -> tuple[dict[str, ModelResult], list[str]]:
     "Score every trained model on the test split at the configured resolution; also return the test ids."
     cache = split_cache(cfg, 'test')
@@ -170,7 +169,6 @@ def score_models(cfg: Config, done: dict[str, dict]) -> tuple[dict[str, ModelRes
                for name, d in done.items()}
     return results, list(cache.ids)
 
-# %% ../nbs/12_experiment.ipynb #b9cb82f0
 def summarize_experiment(results: dict[str, ModelResult], done: dict[str, dict], seeds: list[int], variants: list[str]) -> dict:
     "Everything the report shows: per-seed Dice, mean ± sd, pooled verdicts, gap shares and training times."
     t, per = results['teacher'], {(s, v): results[f'seed{s}/{v}'].per_image['dice'] for s in seeds for v in variants}
@@ -183,7 +181,6 @@ def summarize_experiment(results: dict[str, ModelResult], done: dict[str, dict],
     return dict(dice=dice, per_image=per, teacher_dice=t.summary['dice'], verdicts=verdicts, gaps=gaps,
                 teacher_val=teacher_val, raw_val=raw_val)
 
-# %% ../nbs/12_experiment.ipynb #c211a0ae
 def total_train_minutes(done: dict[str, dict]) -> float:
     "The summed training wall-clock of every model trained here (a reused teacher counts 0), in minutes."
     return sum(d['train_seconds'] for d in done.values() if math.isfinite(d['train_seconds'])) / 60
@@ -216,7 +213,6 @@ def experiment_json(s: dict, results: dict[str, ModelResult], done: dict[str, di
                 gap_recovered={k: (None if math.isnan(g) else g) for k, g in s['gaps'].items()}, wall_seconds=round(wall, 1),
                 train_seconds_total=round(60 * total_train_minutes(done), 1))
 
-# %% ../nbs/12_experiment.ipynb #f4b02e2c
 def write_report(out: Path, s: dict, results: dict, ids: list[str], done: dict, seeds: list[int], variants: list[str],
                  cfg: Config, wall: float) -> dict:
     "Write experiment.md, experiment.json, per_image.csv and experiment.png; return the JSON record."
@@ -228,7 +224,6 @@ def write_report(out: Path, s: dict, results: dict, ids: list[str], done: dict, 
     atomic_write(out / 'experiment.md', lambda f: f.write(report_text(s, results, done, seeds, variants, cfg, wall).encode()))
     return record
 
-# %% ../nbs/12_experiment.ipynb #c14da12f
 def run_experiment(cfg: Config, # resolved config; output.run_dir is the experiment folder
                    seeds: list[int], # student seeds
                    teacher_weights: str | None = None, # reuse this teacher instead of training one

@@ -268,7 +268,6 @@ def train_epoch(self: Learner) -> dict:
     if dist.is_initialized(): dist.all_reduce(means); means /= dist.get_world_size()
     return {f'train_{k}': float(v) for k, v in zip(sums, means)}
 
-# %% ../nbs/06_learner.ipynb #a8a4a107
 @patch
 def train_step(self: Learner, batch: dict, last: bool, group: int = 1) -> dict:
     "Forward and backward on one batch of an accumulation group of `group` batches; step when `last` closes it."
@@ -309,7 +308,6 @@ def end_epoch(self: Learner, train: dict, val: dict, seconds: float):
     tqdm.write(f"{self.mode} epoch {self.epoch}/{self.tc.epochs}: loss {row.get('train_loss', float('nan')):.4f} "
                f"val dice {val['dice']:.4f} jaccard {val['jaccard']:.4f} ({seconds:.1f}s)")
 
-# %% ../nbs/06_learner.ipynb #71e78319
 @patch
 def save(self: Learner, name: str, metrics: dict) -> Path:
     "Write a resumable checkpoint into the run folder's `checkpoints/`."

@@ -240,7 +240,6 @@ def kd_term(name: str, # the `kind` that configs use, e.g. 'cwd'
         return KD_TERMS.register(name, cls)
     return register
 
-# %% ../nbs/04_losses.ipynb #f5e08988
 @kd_term('logit')
 class LogitKD(KDTerm):
     "Hinton KD on logits: T^2 * KL(softened teacher || student); Bernoulli for 1 channel, softmax otherwise."
@@ -267,7 +266,6 @@ class FeatureHint(KDTerm):
     def forward(self, student: Tensor, teacher: Tensor, target: Tensor | None = None) -> Tensor:
         return hint_loss(self.adapter(student), teacher, self.normalize, self.pixel_weights(target, teacher.shape[-2:]))
 
-# %% ../nbs/04_losses.ipynb #2b493f2a
 @kd_term('cwd')
 class ChannelWiseKD(KDTerm):
     "CWD (Shu et al., ICCV 2021): T^2 * KL between per-channel spatial softmaxes, adapter when channels differ."
@@ -310,7 +308,6 @@ def build_term(term: DistillTerm, # one entry of `distill.terms`
     takes = inspect.signature(cls).parameters
     return cls(**{k: v for k, v in taps.items() if k in takes}, **term.resolved())
 
-# %% ../nbs/04_losses.ipynb #63bb6951
 def term_names(terms: list[DistillTerm]) -> list[str]:
     "Unique readable names '<kind>_<tap>', numbered from '_2' when a pair repeats."
     return unique_names([f'{t.kind}_{t.tap}' for t in terms])

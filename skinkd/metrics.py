@@ -54,7 +54,6 @@ def _ratio(num: Tensor, den: Tensor) -> Tensor:
     "num / den, and 1.0 where den == 0 (the official scorer's convention)."
     return torch.where(den == 0, torch.ones_like(num), num / den.clamp_min(1))
 
-# %% ../nbs/05_metrics.ipynb #9746beea
 def per_image_metrics(pred: Tensor, # (N, H, W) binary predictions
                       target: Tensor, # (N, H, W) binary ground truth
                       with_hd95: bool = True, # also compute HD95 (on the CPU, with scipy)
@@ -114,7 +113,6 @@ def _mean_metrics(state: Tensor) -> dict[str, float]:
     out['n_images'] = int(n)
     return out
 
-# %% ../nbs/05_metrics.ipynb #3af85a30
 class MetricAccumulator:
     "Streaming per-image ISIC metrics over batches of logits; all-reduced under torch.distributed."
     def __init__(self, threshold: float = 0.5): # probability threshold of the masks

@@ -120,7 +120,6 @@ def imagenet_state_dict(name: str # a registered encoder name, e.g. 'resnet18'
             f"connected machine (it lands in ~/.cache/torch/hub/checkpoints) and copy it to {cache}, or set "
             f"pretrained to the path of a local {name} state dict, or to null") from None
 
-# %% ../nbs/03_models.ipynb #c34e5b1a
 def _first(keys, n: int = 3) -> str:
     "The first `n` keys, for messages."
     return ', '.join(keys[:n]) + (', ...' if len(keys) > n else '')
@@ -411,7 +410,6 @@ def load_checkpoint(path: str | Path, map_location='cpu') -> dict:
     except Exception as e: raise CheckpointError(_unreadable(path, e)) from None
     return _validate(ckpt, path)
 
-# %% ../nbs/03_models.ipynb #2d81da78
 def describe_model_config(mc: dict) -> str:
     "A short architecture name, e.g. 'resnet18 OS16 separable, 1 class'."
     return (f"{mc['backbone']} OS{mc['output_stride']}{' separable' if mc['aspp_separable'] else ''}, "

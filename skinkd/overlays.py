@@ -156,7 +156,6 @@ def _atomic_savez(path: Path, arrays: dict):
     "Write `arrays` as a compressed npz at `path`, atomically."
     atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
-# %% ../nbs/05a_overlays.ipynb #3b0f7b83
 def save_predictions(path, # the .npz file to write (usually run_dir/'predictions.npz')
                      ids: Sequence[str], # one id per image
                      images, # (N,S,S,3) uint8 images
@@ -174,7 +173,6 @@ def save_predictions(path, # the .npz file to write (usually run_dir/'prediction
     _atomic_savez(Path(path), arrays)
     return Path(path)
 
-# %% ../nbs/05a_overlays.ipynb #7d0b75dc
 def load_predictions(path) -> dict:
     "Read a predictions file, or the one in run folder `path`: dict of ids, images, truth, preds, metrics."
     p = Path(path)

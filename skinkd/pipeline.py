@@ -89,7 +89,6 @@ def run_stage(stage: Stage, params: dict, nbs: Path, out: Path, log_output: bool
         raise SkinkdError(f'{stage.name}: the kernel died or timed out ({type(e).__name__}); out of memory? the partial notebook is {dest}') from None
     return dest
 
-# %% ../nbs/11_pipeline.ipynb #5cb49f31
 def summarize_run(out: Path, seconds: float) -> dict:
     "Wall time, each model's best validation Dice, and the test report's metrics."
     from skinkd.models import load_checkpoint
@@ -139,7 +138,6 @@ def run_pipeline(config: str | Path, out: str | Path, overrides: list[str] = (),
     for stage, params in plan: run_stage(stage, params, nbs, out, log_output)
     return summarize_run(out, time.time() - start)
 
-# %% ../nbs/11_pipeline.ipynb #9f537c21
 def pipeline_command(args: argparse.Namespace) -> dict:
     "What `skinkd_pipeline --config C --out DIR` does (options: `skinkd.cli`): run the chapters, print the summary."
     summary = run_pipeline(args.config, args.out, args.overrides, args.smoke, not args.quiet)

@@ -72,7 +72,6 @@ def _ellipse(size: int, cy: float, cx: float, ry: float, rx: float) -> np.ndarra
     yy, xx = np.mgrid[:size, :size] / size
     return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
 
-# %% ../nbs/10_viewer.ipynb #01c2952b
 def synthetic_example(n: int = 8, # number of images
                       size: int = 128, # image side in pixels
                       seed: int = 0, # random seed
@@ -98,7 +97,6 @@ def _swatch(name: str, color) -> str:
     "An HTML colour square followed by `name`."
     return f'<span style="display:inline-block;width:12px;height:12px;background:rgb{tuple(color)};margin:0 4px 0 8px"></span>{html.escape(name)}'
 
-# %% ../nbs/10_viewer.ipynb #68bcf837
 class MaskViewer:
     "Browse images with their ground truth and predicted masks: sort by a metric, toggle layers, switch views."
     def __init__(self, images, # sequence of (H,W,3) uint8 images (list, array or lazy sequence)
