@@ -23,7 +23,7 @@ from .config import Config, EvalConfig, SkinkdError, atomic_write, config_from_a
 from .data import get_data
 from .data import normalize as imagenet_normalize  # `normalize` is a flag here
 from .learner import default_device, save_figure
-from .metrics import JACCARD_THRESHOLD, METRICS, per_image_metrics, probs_to_mask, score_at_original, summarize
+from .metrics import FLAGS, JACCARD_THRESHOLD, METRICS, per_image_metrics, probs_to_mask, score_at_original, summarize
 from .export import compile_for_inference, prepare_for_inference
 from .models import count_macs, count_params, load_checkpoint, load_model
 from .overlays import ERROR_COLORS, overlay, save_predictions
@@ -188,7 +188,7 @@ def paired_comparison(a: dict[str, np.ndarray], # per-image metrics of model A (
     "Per metric: mean of A - B, its bootstrap 95% interval, the Wilcoxon p-value, and how many images A wins."
     out = {}
     for k in a:
-        if k not in b: continue
+        if k not in b or k in FLAGS: continue
         d = np.asarray(a[k], float) - np.asarray(b[k], float)
         d = d[np.isfinite(d)]
         lo, hi = bootstrap_ci(d, n_boot, seed)
@@ -257,9 +257,9 @@ def md_table(header: list[str], rows: list[list]) -> str:
 
 def results_table(results: list[ModelResult]) -> str:
     "Markdown table: every ISIC metric (mean ± std), failure rate, HD95 and the cost of each model."
-    header = ['model', 'backbone', *TABLE_METRICS, 'failure rate', 'HD95 undefined', 'params (M)', 'MACs (G)', 'CPU ms/image']
+    header = ['model', 'backbone', *TABLE_METRICS, 'failure rate', 'HD95 misses', 'params (M)', 'MACs (G)', 'CPU ms/image']
     rows = [[r.name, r.backbone, *[_pm(r.summary, k, 2 if k == 'hd95' else 4) for k in TABLE_METRICS],
-             f"{r.summary['failure_rate']:.3f}", r.summary.get('hd95_failures', 0), f'{r.params / 1e6:.2f}', f'{r.macs / 1e9:.2f}', f'{r.latency_s * 1e3:.1f}'] for r in results]
+             f"{r.summary['failure_rate']:.3f}", r.summary.get('hd95_misses', 0), f'{r.params / 1e6:.2f}', f'{r.macs / 1e9:.2f}', f'{r.latency_s * 1e3:.1f}'] for r in results]
     return md_table(header, rows)
 
 # %% ../nbs/09_evaluate.ipynb #d2e845b6
@@ -414,7 +414,7 @@ def evaluate_checkpoints(paths: list, # checkpoint files
 def viewer_metrics(results: list[ModelResult]) -> dict[str, np.ndarray]:
     "Per-image columns for the viewer: `model/metric`, plus `distilled-raw/metric` differences when both exist."
     cols = {f'{r.name}/{k}': v for r in results for k, v in r.per_image.items()}
-    if (pair := _pair(results)): cols |= {f'distilled-raw/{k}': pair[0].per_image[k] - pair[1].per_image[k] for k in pair[0].per_image}
+    if (pair := _pair(results)): cols |= {f'distilled-raw/{k}': pair[0].per_image[k] - pair[1].per_image[k] for k in pair[0].per_image if k not in FLAGS}
     return cols
 
 def verdict_dict(v: Verdict | None) -> dict | None:

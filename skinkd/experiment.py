@@ -206,7 +206,7 @@ def report_text(s: dict, results: dict[str, ModelResult], done: dict[str, dict],
 
 def experiment_json(s: dict, results: dict[str, ModelResult], done: dict[str, dict], seeds: list[int], wall: float) -> dict:
     "The machine-readable record: the verdict, every model's test metrics and training, the pooled comparisons."
-    models = {k: {**{m: r.summary[m] for m in ('dice', 'jaccard', 'thresholded_jaccard', 'hd95', 'failure_rate')},
+    models = {k: {**{m: r.summary[m] for m in ('dice', 'jaccard', 'thresholded_jaccard', 'hd95', 'hd95_misses', 'failure_rate')},
                   **done[k], 'params': r.params, 'cpu_latency_s': r.latency_s} for k, r in results.items()}
     return dict(verdict=verdict_dict(s['verdicts']['distill']), seeds=seeds, n_test_images=len(results['teacher'].per_image['dice']),
                 models=models, pooled={k: verdict_dict(v) for k, v in s['verdicts'].items()},

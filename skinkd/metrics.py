@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
@@ -14,8 +15,8 @@ from scipy import ndimage
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['JACCARD_THRESHOLD', 'METRICS', 'as_binary', 'probs_to_mask', 'predict_mask', 'confusion', 'per_image_metrics', 'hd95',
-           'summarize', 'MetricAccumulator', 'score_at_original']
+__all__ = ['JACCARD_THRESHOLD', 'METRICS', 'FLAGS', 'as_binary', 'probs_to_mask', 'predict_mask', 'confusion',
+           'per_image_metrics', 'hd95_miss_penalty', 'hd95', 'summarize', 'MetricAccumulator', 'score_at_original']
 
 # %% ../nbs/05_metrics.ipynb #c02b83ea
 def as_binary(mask: Tensor) -> Tensor:
@@ -42,6 +43,7 @@ def predict_mask(logits: Tensor, # (N, C, H, W) logits
 # %% ../nbs/05_metrics.ipynb #2b34523b
 JACCARD_THRESHOLD = 0.65  # ISIC 2018 Task 1: Jaccard below this scores 0, and the image counts as a failure
 METRICS = ('dice', 'jaccard', 'thresholded_jaccard', 'sensitivity', 'specificity', 'accuracy')
+FLAGS = ('hd95_miss',)  # per-image 0/1 flags beside the metrics: counted, never averaged or compared
 
 def confusion(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     "Per-image (TP, FP, FN, TN) counts of binary masks, each float64 (N,)."
@@ -58,14 +60,14 @@ def per_image_metrics(pred: Tensor, # (N, H, W) binary predictions
                       target: Tensor, # (N, H, W) binary ground truth
                       with_hd95: bool = True, # also compute HD95 (on the CPU, with scipy)
                      ) -> dict[str, Tensor]:
-    "The ISIC 2018 Task 1 metrics (and HD95) of each image: {name: float64 (N,)}."
+    "The ISIC 2018 Task 1 metrics (and HD95, with `hd95_miss` flagging its penalised images) of each image: {name: float64 (N,)}."
     tp, fp, fn, tn = confusion(pred, target)
     j = _ratio(tp, tp + fp + fn)
     out = dict(dice=_ratio(2 * tp, 2 * tp + fp + fn), jaccard=j,
                thresholded_jaccard=torch.where(j >= JACCARD_THRESHOLD, j, torch.zeros_like(j)),
                sensitivity=_ratio(tp, tp + fn), specificity=_ratio(tn, tn + fp),
                accuracy=(tp + tn) / (tp + fp + fn + tn))
-    if with_hd95: out['hd95'] = hd95(pred, target).to(j.device)
+    if with_hd95: out['hd95'], out['hd95_miss'] = (x.to(j.device) for x in hd95(pred, target, with_misses=True))
     return out
 
 # %% ../nbs/05_metrics.ipynb #92868652
@@ -73,32 +75,40 @@ def _contour(mask: np.ndarray) -> np.ndarray:
     "The pixels of `mask` with a 4-neighbour outside it (the frame is outside)."
     return mask & ~ndimage.binary_erosion(mask, ndimage.generate_binary_structure(2, 1), border_value=0)
 
+def hd95_miss_penalty(shape: tuple[int, ...]) -> float:
+    "The HD95 of a miss (exactly one mask empty): the diagonal of an image of `shape` (..., H, W), in pixels."
+    return math.hypot(shape[-2], shape[-1])
+
 def _hd95_one(p: np.ndarray, t: np.ndarray) -> float:
-    "HD95 of two binary masks; 0 when both are empty, NaN when one is."
+    "HD95 of two binary masks; 0 when both are empty, the image diagonal when exactly one is."
     if not p.any() and not t.any(): return 0.0
-    if not p.any() or not t.any(): return float('nan')
+    if not p.any() or not t.any(): return hd95_miss_penalty(p.shape)
     cp, ct = _contour(p), _contour(t)
     d = np.concatenate([ndimage.distance_transform_edt(~ct)[cp], ndimage.distance_transform_edt(~cp)[ct]])
     return float(np.percentile(d, 95))
 
 def hd95(pred: Tensor, # (N, H, W) binary predictions
          target: Tensor, # (N, H, W) binary ground truth
-        ) -> Tensor:
-    "Symmetric 95th-percentile Hausdorff distance in pixels per image, float64 (N,); NaN marks a failure."
+         with_misses: bool = False, # also return the miss flags (1.0 where exactly one mask is empty)
+        ):
+    "Symmetric 95th-percentile Hausdorff distance in pixels per image, float64 (N,); a miss scores the image diagonal."
     p, t = as_binary(pred).cpu().numpy(), as_binary(target).cpu().numpy()
-    return torch.tensor([_hd95_one(a, b) for a, b in zip(p, t)], dtype=torch.float64)
+    d = torch.tensor([_hd95_one(a, b) for a, b in zip(p, t)], dtype=torch.float64)
+    if not with_misses: return d
+    return d, torch.tensor([float(a.any() != b.any()) for a, b in zip(p, t)], dtype=torch.float64)
 
 # %% ../nbs/05_metrics.ipynb #ca0ea01e
 def summarize(per_image: dict[str, Tensor], # {metric name: (N,)} from `per_image_metrics`
              ) -> dict[str, float]:
-    "Means, `<name>_std`, `failure_rate`, `n_images`, and `<name>_failures` for undefined values (HD95)."
+    "Means, `<name>_std`, `failure_rate`, `n_images`, `hd95_misses` and `<name>_failures` for undefined values."
     out = {}
     for name, v in per_image.items():
         v = torch.as_tensor(v, dtype=torch.float64)
+        if name in FLAGS: out[f'{name}es'] = int(v.sum().item()); continue  # hd95_miss -> hd95_misses
         ok = v[v.isfinite()]
         out[name] = ok.mean().item() if len(ok) else float('nan')
         out[f'{name}_std'] = ok.std(correction=1 if len(ok) > 1 else 0).item() if len(ok) else float('nan')
-        if name == 'hd95' or len(ok) < len(v): out[f'{name}_failures'] = len(v) - len(ok)
+        if len(ok) < len(v): out[f'{name}_failures'] = len(v) - len(ok)
     j = torch.as_tensor(per_image['jaccard'], dtype=torch.float64)
     out['failure_rate'] = (j < JACCARD_THRESHOLD).double().mean().item() if len(j) else float('nan')
     out['n_images'] = len(j)
@@ -165,5 +175,5 @@ def score_at_original(probs: Tensor, # (N, C, S, S) or (N, S, S) probabilities a
         pred = _restored_mask(prob if prob.dim() == 3 else prob[None], hw, threshold, restore)
         truth = torch.as_tensor(np.asarray(cache.original_mask(i), dtype=bool))[None]
         rows.append(per_image_metrics(pred, truth, with_hd95))
-    if not rows: return {k: torch.zeros(0, dtype=torch.float64) for k in METRICS + (('hd95',) if with_hd95 else ())}
+    if not rows: return {k: torch.zeros(0, dtype=torch.float64) for k in METRICS + (('hd95', 'hd95_miss') if with_hd95 else ())}
     return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}

@@ -48,27 +48,39 @@ def test_thresholded_jaccard_at_the_threshold():
 
 
 def test_empty_truth():
+    "A lesion invented on an image without one: HD95 is undefined, so it scores the miss penalty (the diagonal)."
     r = one([[1, 0], [0, 0]], [[0, 0], [0, 0]])
     assert r == dict(dice=0.0, jaccard=0.0, thresholded_jaccard=0.0, sensitivity=1.0, specificity=0.75,
-                     accuracy=0.75, hd95=pytest.approx(float('nan'), nan_ok=True))
-    assert math.isnan(r['hd95'])
+                     accuracy=0.75, hd95=pytest.approx(math.hypot(2, 2)), hd95_miss=1.0)
 
 
 def test_empty_prediction():
+    "A missed lesion scores the diagonal in HD95 and is flagged."
     r = one([[0, 0], [0, 0]], [[0, 1], [1, 1]])
-    assert {k: v for k, v in r.items() if k != 'hd95'} == dict(dice=0.0, jaccard=0.0, thresholded_jaccard=0.0,
-                                                             sensitivity=0.0, specificity=1.0, accuracy=0.25)
-    assert math.isnan(r['hd95'])                                # a failure, counted by summarize
+    assert {k: v for k, v in r.items() if not k.startswith('hd95')} == dict(dice=0.0, jaccard=0.0, thresholded_jaccard=0.0,
+                                                                          sensitivity=0.0, specificity=1.0, accuracy=0.25)
+    assert (r['hd95'], r['hd95_miss']) == (pytest.approx(math.sqrt(8)), 1.0)
+
+
+def test_a_missed_lesion_counts_in_the_mean_hd95():
+    "One perfect image and one missed lesion: the mean HD95 is no longer 0.0 (it was, when misses were left out)."
+    t = torch.zeros(2, 30, 40, dtype=torch.bool); t[:, 10:20, 10:20] = True
+    p = t.clone(); p[1] = False                                 # image 1: the lesion is missed
+    s = summarize(per_image_metrics(p, t))
+    assert s['hd95'] == pytest.approx((0.0 + 50.0) / 2)         # the 30x40 image's diagonal is 50 px
+    assert s['hd95_misses'] == 1 and s['hd95_std'] > 0 and 'hd95_failures' not in s
+    rough = t.clone(); rough[:, 9:21, 9:21] = True              # a model that finds both lesions, 1 px too large
+    assert summarize(per_image_metrics(rough, t))['hd95'] < s['hd95']
 
 
 def test_both_empty():
     r = one([[0, 0], [0, 0]], [[0, 0], [0, 0]])
-    assert r == dict(dice=1.0, jaccard=1.0, thresholded_jaccard=1.0, sensitivity=1.0, specificity=1.0, accuracy=1.0, hd95=0.0)
+    assert r == dict(dice=1.0, jaccard=1.0, thresholded_jaccard=1.0, sensitivity=1.0, specificity=1.0, accuracy=1.0, hd95=0.0, hd95_miss=0.0)
 
 
 def test_full_image():
     r = one([[1, 1], [1, 1]], [[1, 1], [1, 1]])
-    assert r == dict(dice=1.0, jaccard=1.0, thresholded_jaccard=1.0, sensitivity=1.0, specificity=1.0, accuracy=1.0, hd95=0.0)
+    assert r == dict(dice=1.0, jaccard=1.0, thresholded_jaccard=1.0, sensitivity=1.0, specificity=1.0, accuracy=1.0, hd95=0.0, hd95_miss=0.0)
     r = one([[1, 1], [1, 0]], [[1, 1], [1, 1]], with_hd95=False)   # truth fills the image: specificity is a freebie
     assert r['specificity'] == 1.0 and r['sensitivity'] == 0.75 and r['jaccard'] == 0.75
 
@@ -152,8 +164,9 @@ def test_hd95_edge_cases():
     full = torch.ones(1, 6, 6, dtype=torch.bool)
     assert hd95(full, full).item() == 0.0
     assert hd95(blank(), blank()).item() == 0.0
-    assert math.isnan(hd95(blank(), _sq()).item())                      # empty prediction: a failure
-    assert math.isnan(hd95(_sq(), blank()).item())
+    diagonal = math.hypot(*blank().shape[1:])
+    assert hd95(blank(), _sq()).item() == pytest.approx(diagonal)        # empty prediction: the miss penalty
+    assert hd95(_sq(), blank()).item() == pytest.approx(diagonal)        # a lesion where there is none: the same
 
 
 def _sq():
@@ -198,7 +211,8 @@ def test_summarize_real_metrics():
     t = torch.zeros(4, 16, 16, dtype=torch.bool); t[:, 4:12, 4:12] = True
     p = t.clone(); p[1, 4:12, 12] = True; p[2] = False; p[3, 4:12, 4:8] = False
     s = summarize(per_image_metrics(p, t))
-    assert s['n_images'] == 4 and s['hd95_failures'] == 1
+    assert s['n_images'] == 4 and s['hd95_misses'] == 1                   # the empty prediction, at the 16x16 diagonal
+    assert s['hd95'] > math.hypot(16, 16) / 4
     assert s['failure_rate'] == pytest.approx(2 / 4)                      # the empty one and the half one
     assert s['jaccard'] == pytest.approx((1 + 64 / 72 + 0 + 0.5) / 4)
     assert s['thresholded_jaccard'] == pytest.approx((1 + 64 / 72) / 4)
@@ -207,7 +221,8 @@ def test_summarize_real_metrics():
 
 def test_summarize_single_and_all_failed():
     s = summarize(per_image_metrics(_sq(), blank()))
-    assert s['n_images'] == 1 and s['dice_std'] == 0.0 and s['hd95_failures'] == 1 and math.isnan(s['hd95'])
+    assert s['n_images'] == 1 and s['dice_std'] == 0.0 and s['hd95_misses'] == 1
+    assert s['hd95'] == pytest.approx(math.hypot(*blank().shape[1:])) and s['hd95_std'] == 0.0
 
 
 # ---------------------------------------------------------------- streaming accumulator
@@ -303,7 +318,8 @@ def test_score_at_original_uses_indices_and_threshold():
     assert (swapped['dice'] < 0.6).all()
     assert 'hd95' not in swapped
     none = score_at_original(probs * 0.4, cache, [0, 1, 2], threshold=0.5, restore=restore_contract)
-    assert none['dice'].tolist() == [0.0, 0.0, 1.0] and none['hd95'][:2].isnan().all()
+    assert none['dice'].tolist() == [0.0, 0.0, 1.0] and none['hd95_miss'].tolist() == [1.0, 1.0, 0.0]
+    assert none['hd95'][:2].tolist() == pytest.approx([math.hypot(*m.shape) for m in cache.masks[:2]])  # at the original size
     assert score_at_original(probs[:0], cache, [], restore=restore_contract)['dice'].shape == (0,)
 
 
