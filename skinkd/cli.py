@@ -118,7 +118,7 @@ def _distill_options(p):
 def _evaluate_options(p):
     p.add_argument('--weights', nargs='+', required=True, help='checkpoint files (teacher, raw and distilled students, ...)')
     p.add_argument('--data', default=None, help='dataset folder (overrides data.root)')
-    p.add_argument('--split', default='test', help='split to evaluate (default: test)')
+    p.add_argument('--split', default='test', help='split to evaluate: test (default), val, train, or all (every pair of the folder, e.g. an external dataset)')
     p.add_argument('--latency-runs', type=int, default=3, help='timed CPU runs per model')
 
 @command('skinkd_pipeline', 'Run the notebooks in order with papermill.', 'skinkd.pipeline:pipeline_command', needs_run='runs/demo')

@@ -24,13 +24,13 @@ _all_ = ['SkinkdError', 'atomic_write', 'cli_main', 'scratch_dir', 'unique_names
 
 # %% auto #0
 __all__ = ['TAPS', 'TEACHER_KEYS', 'TeacherRecipe', 'BUILDER_ARGS', 'TERM_KEYS', 'OLD_TERM_DEFAULTS', 'STAGES', 'NOT_RECIPE',
-           'PATH_KEYS', 'SMOKE_OVERRIDES', 'ConfigError', 'opt', 'DataConfig', 'AugmentConfig', 'ModelConfig', 'Recipe',
-           'overrides_of', 'TrainConfig', 'TermParam', 'term_params', 'DistillTerm', 'DistillConfig', 'EvalConfig',
-           'OutputConfig', 'Config', 'from_dict', 'parse_term', 'parse_override', 'read_yaml', 'load_config',
-           'teacher_overrides', 'stage_recipe', 'recipe_source', 'flat_config', 'differences', 'student_recipe',
-           'recipe_differences', 'resolve_paths', 'plain_config', 'config_to_yaml', 'save_config', 'add_config_args',
-           'config_from_args', 'is_smoke', 'notebook_config', 'term_rows', 'describe', 'SkinkdError', 'atomic_write',
-           'cli_main', 'scratch_dir', 'unique_names']
+           'PATH_KEYS', 'DEFAULT_CONFIG', 'SMOKE_OVERRIDES', 'ConfigError', 'opt', 'DataConfig', 'AugmentConfig',
+           'ModelConfig', 'Recipe', 'overrides_of', 'TrainConfig', 'TermParam', 'term_params', 'DistillTerm',
+           'DistillConfig', 'EvalConfig', 'OutputConfig', 'Config', 'from_dict', 'parse_term', 'parse_override',
+           'read_yaml', 'load_config', 'teacher_overrides', 'stage_recipe', 'recipe_source', 'flat_config',
+           'differences', 'student_recipe', 'recipe_differences', 'resolve_paths', 'plain_config', 'config_to_yaml',
+           'save_config', 'add_config_args', 'config_from_args', 'with_default_config', 'is_smoke', 'notebook_config',
+           'term_rows', 'describe', 'SkinkdError', 'atomic_write', 'cli_main', 'scratch_dir', 'unique_names']
 
 # %% ../nbs/00a_config.ipynb #17e1d70b
 class ConfigError(SkinkdError, ValueError):
@@ -526,6 +526,20 @@ def config_from_args(args: argparse.Namespace, extra: Mapping[str, Any] | None =
     params = dict(extra or {})
     if args.out: params['output.run_dir'] = args.out
     return resolve_paths(load_config(args.config, args.overrides, params))
+
+# %% ../nbs/00a_config.ipynb #48994385
+DEFAULT_CONFIG = Path('configs') / 'config.yaml'  # where the original project's scripts looked, relative to the working folder
+
+def with_default_config(args: argparse.Namespace, # parsed options of a training command
+                        say=print, # how to tell the user which config runs
+                       ) -> argparse.Namespace:
+    "`args` with `--config` defaulting to ./configs/config.yaml when it exists; says in one line which config runs."
+    if args.config is None:
+        found = DEFAULT_CONFIG.is_file()
+        if found: args.config = str(DEFAULT_CONFIG)
+        say(f'config: {DEFAULT_CONFIG} (found in the working folder; --config chooses another)' if found else
+            f'config: the built-in defaults (no --config, and no {DEFAULT_CONFIG} in the working folder)')
+    return args
 
 # %% ../nbs/00a_config.ipynb #9962d47e
 SMOKE_OVERRIDES = ['data.root=data/synthetic-smoke', 'data.synthetic_n=40', 'data.image_size=64', 'data.num_workers=0',

@@ -16,7 +16,7 @@ import numpy as np
 
 from .cli import distill_main
 from .core import KD_TERMS
-from .config import (Config, DistillTerm, ModelConfig, SkinkdError, config_from_args,
+from .config import (Config, DistillTerm, ModelConfig, SkinkdError, config_from_args, with_default_config,
                            load_config, recipe_differences)
 from .learner import Learner, SegTask, default_device, is_main, term_contributions, train_model
 from .losses import DistillationLoss, seg_loss_from_config
@@ -171,7 +171,7 @@ def term_curves_figure(history: list[dict], terms: list[DistillTerm], title: str
 # %% ../nbs/08_distill.ipynb #4fe164ce
 def distill_command(args: argparse.Namespace) -> dict:
     "What `skinkd_distill --mode distill|raw|test` does with its parsed options (`skinkd.cli`); prints the result as JSON."
-    result = run_mode(config_from_args(args), args.mode, args.teacher_weights, args.student_weights, args.baseline)
+    result = run_mode(config_from_args(with_default_config(args)), args.mode, args.teacher_weights, args.student_weights, args.baseline)
     if is_main(): print(json.dumps(result))
     return result
 

@@ -10,7 +10,9 @@ import csv
 import io
 import json
 import math
+import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,8 +21,9 @@ import torch
 from scipy import stats
 
 from .cli import evaluate_main
-from .config import Config, EvalConfig, SkinkdError, atomic_write, config_from_args, from_dict, save_config, unique_names
-from .data import get_data
+from .config import (Config, EvalConfig, SkinkdError, atomic_write, config_from_args, flat_config, from_dict, parse_override,
+                           read_yaml, save_config, unique_names, with_default_config)
+from .data import build_cache, check_data, get_data, prepare_root, usable_samples
 from .data import normalize as imagenet_normalize  # `normalize` is a flag here
 from .learner import default_device, save_figure
 from .metrics import FLAGS, JACCARD_THRESHOLD, METRICS, per_image_metrics, probs_to_mask, score_at_original, summarize
@@ -29,13 +32,14 @@ from .models import count_macs, count_params, load_checkpoint, load_model
 from .overlays import ERROR_COLORS, overlay, save_predictions
 
 # %% auto #0
-__all__ = ['MODE_NAMES', 'VERDICT_HEADS', 'TABLE_METRICS', 'ERROR_KEY', 'main', 'EvaluationError', 'predict', 'score_model',
-           'binary_masks', 'cpu_latency', 'model_name', 'ModelResult', 'eval_settings', 'evaluate_checkpoint',
-           'bootstrap_ci', 'wilcoxon_p', 'paired_comparison', 'Verdict', 'dice_verdict', 'md_table', 'results_table',
-           'ratio_table', 'paired_table', 'box_plots', 'worst_cases_figure', 'Evaluation', 'pair_verdict',
-           'write_per_image_csv', 'write_json', 'report_markdown', 'evaluate_checkpoints', 'viewer_metrics',
-           'verdict_dict', 'split_cache', 'evaluate_from_config', 'evaluate_command', 'test_student',
-           'test_student_command']
+__all__ = ['MODE_NAMES', 'VERDICT_HEADS', 'TABLE_METRICS', 'ERROR_KEY', 'PREPROCESSING_KEYS', 'main', 'EvaluationError',
+           'predict', 'score_model', 'binary_masks', 'cpu_latency', 'model_name', 'ModelResult', 'eval_settings',
+           'evaluate_checkpoint', 'bootstrap_ci', 'wilcoxon_p', 'paired_comparison', 'Verdict', 'dice_verdict',
+           'md_table', 'results_table', 'ratio_table', 'paired_table', 'box_plots', 'worst_cases_figure', 'Evaluation',
+           'pair_verdict', 'write_per_image_csv', 'write_json', 'report_markdown', 'evaluate_checkpoints',
+           'viewer_metrics', 'verdict_dict', 'metrics_record', 'trained_preprocessing', 'checkpoints_preprocessing',
+           'asked_keys', 'config_for_checkpoints', 'all_pairs_cache', 'split_cache', 'evaluate_from_config',
+           'evaluate_command', 'student_checkpoint', 'test_student', 'test_student_command']
 
 # %% ../nbs/09_evaluate.ipynb #a6f85d00
 class EvaluationError(SkinkdError, ValueError):
@@ -421,25 +425,86 @@ def verdict_dict(v: Verdict | None) -> dict | None:
     "A verdict as JSON-ready data, with its lines."
     return None if v is None else {**asdict(v), 'ci': list(v.ci), 'teacher_weaker': v.teacher_weaker, 'lines': v.lines()}
 
+def metrics_record(results: list[ModelResult], paired: dict | None = None, verdict: Verdict | None = None) -> dict:
+    "The one layout of `metrics.json` (skinkd_evaluate and --mode test): each model's summary and cost, the paired test, the verdict."
+    models = {r.name: {**r.summary, 'checkpoint': r.path, 'role': r.role, 'backbone': r.backbone, 'params': r.params,
+                       'macs': r.macs, 'cpu_latency_s': r.latency_s, 'best_val_dice': r.val_dice} for r in results}
+    return {'models': models, 'paired_distilled_vs_raw': paired, 'verdict': verdict_dict(verdict)}
+
 def _write_outputs(ev: Evaluation, images, truth, focus: ModelResult, gallery_k: int, notes: str):
     "Write every file of `ev.files`."
     f, res = ev.files, ev.results
     write_per_image_csv(f['per_image'], ev.ids, res)
-    write_json(f['metrics'], {'models': {r.name: {**r.summary, 'checkpoint': r.path, 'role': r.role, 'backbone': r.backbone,
-               'params': r.params, 'macs': r.macs, 'cpu_latency_s': r.latency_s, 'best_val_dice': r.val_dice} for r in res},
-               'paired_distilled_vs_raw': ev.paired, 'verdict': verdict_dict(ev.verdict)})
+    write_json(f['metrics'], metrics_record(res, ev.paired, ev.verdict))
     box_plots(res, f['boxplots'])
     save_figure(worst_cases_figure(images, truth, res, focus, ev.ids, gallery_k)[0], f['gallery'])
     save_predictions(f['predictions'], ev.ids, images, truth, {r.name: r.masks for r in res}, viewer_metrics(res))
     text = report_markdown(ev, notes=notes)
     atomic_write(f['report'], lambda fh: fh.write(text.encode()))
 
+# %% ../nbs/09_evaluate.ipynb #1213a2bf
+PREPROCESSING_KEYS = {'image_size': 'data.image_size', 'mirror_pad': 'augment.mirror_pad',
+                      'mask_resize': 'data.mask_resize', 'normalize': 'augment.normalize'}  # checkpoint record -> config key
+
+def _dotted_get(d: Mapping, key: str):
+    "d['a']['b'] for key 'a.b' (None when a part is missing)."
+    for part in key.split('.'): d = d.get(part) if isinstance(d, Mapping) else None
+    return d
+
+def trained_preprocessing(ckpt: dict) -> dict:
+    "The input settings a checkpoint was trained with, as {config key: value} ({} when the file does not say)."
+    pre, config = ckpt.get('preprocessing') or {}, (ckpt.get('extra') or {}).get('config')
+    if pre: return {key: pre[k] for k, key in PREPROCESSING_KEYS.items() if k in pre}
+    return {key: v for key in PREPROCESSING_KEYS.values() if (v := _dotted_get(config or {}, key)) is not None}
+
+def checkpoints_preprocessing(paths: list) -> dict:
+    "The input settings shared by the checkpoints `paths`; an `EvaluationError` naming two that disagree."
+    agreed, source = {}, {}
+    for p in paths:
+        for key, v in trained_preprocessing(load_checkpoint(p)).items():
+            if key in agreed and agreed[key] != v:
+                raise EvaluationError(f'{source[key]} was trained with {key}={agreed[key]!r} but {p} with {v!r}; evaluate them '
+                                      f'in separate runs, or pass --set {key}=VALUE to score both the same way')
+            agreed.setdefault(key, v); source.setdefault(key, p)
+    return agreed
+
+def asked_keys(config: str | Path | None, overrides: list[str]) -> set[str]:
+    "The dotted keys a config file or `--set` overrides name explicitly."
+    keys = {parse_override(o)[0] for o in overrides}
+    def walk(d: Mapping, prefix: str = ''):
+        for k, v in d.items():
+            if isinstance(v, Mapping) and v: walk(v, f'{prefix}{k}.')
+            else: keys.add(f'{prefix}{k}')
+    if config: walk(read_yaml(config))
+    return keys
+
+def config_for_checkpoints(args: argparse.Namespace, # parsed options with config, overrides and out
+                           paths: list, # the checkpoints to score
+                           extra: Mapping | None = None, # more parameters, e.g. {'data.root': ...}
+                          ) -> Config:
+    "The config to score `paths` with: their own input settings, unless the config or --set names a key (then one warning)."
+    trained, asked = checkpoints_preprocessing(paths), asked_keys(args.config, args.overrides)
+    cfg = config_from_args(args, {**{k: v for k, v in trained.items() if k not in asked}, **(extra or {})})
+    used = flat_config(cfg, skip=())
+    for key, v in trained.items():
+        if used[key] != v:
+            print(f'warning: {paths[0]} was trained with {key}={v!r}; scoring with {key}={used[key]!r} as the config asks', file=sys.stderr)
+    return cfg
+
 # %% ../nbs/09_evaluate.ipynb #792e71eb
+def all_pairs_cache(cfg: Config):
+    "One cache of every usable image/mask pair of the data folder, whatever its split (`--split all`)."
+    d = cfg.data
+    samples = usable_samples(check_data(prepare_root(cfg), d.layout, d.cache_dir), d.skip_bad)
+    if not samples: raise EvaluationError(f'{d.root} holds no usable image/mask pairs; run skinkd_check_data --data {d.root}')
+    return build_cache(samples, d.cache_dir, d.image_size, cfg.augment.mirror_pad, d.mask_resize)
+
 def split_cache(cfg: Config, split: str = 'test'):
-    "The cached images of `split` in the data `cfg` describes; a clear error when there is no such split."
+    "The cached images of `split` ('all': every pair) in the data `cfg` describes; a clear error when there is no such split."
+    if split == 'all': return all_pairs_cache(cfg)
     data = get_data(cfg)
     if split not in data.caches: raise EvaluationError(f"the data in {cfg.data.root} has no '{split}' split (has: {', '.join(data.caches)}); "
-                                                      'set data.test_fraction > 0 or pass --split val')
+                                                      'set data.test_fraction > 0, or pass --split val or --split all')
     return data.caches[split]
 
 def evaluate_from_config(cfg: Config, # resolved config (paths absolute)
@@ -459,9 +524,9 @@ def evaluate_from_config(cfg: Config, # resolved config (paths absolute)
 
 def evaluate_command(args: argparse.Namespace) -> Evaluation:
     "What `skinkd_evaluate --weights A.pt [B.pt ...]` does (options: `skinkd.cli`): evaluate, print the table and verdict."
-    cfg = config_from_args(args, {'data.root': args.data} if args.data else None)
     missing = [w for w in args.weights if not Path(w).is_file()]
     if missing: raise EvaluationError(f"checkpoint {missing[0]} not found; pass existing .pt files to --weights")
+    cfg = config_for_checkpoints(args, args.weights, {'data.root': args.data} if args.data else None)
     ev = evaluate_from_config(cfg, args.weights, cfg.output.run_dir, args.split, args.latency_runs)
     print(results_table(ev.results))
     if ev.verdict: print('\n'.join(ev.verdict.lines()))
@@ -471,9 +536,13 @@ def evaluate_command(args: argparse.Namespace) -> Evaluation:
 main = evaluate_main  # the console script: parses in skinkd.cli, then calls evaluate_command
 
 # %% ../nbs/09_evaluate.ipynb #4fa275f8
+def student_checkpoint(run_dir: str | Path, student_weights: str | Path | None = None) -> Path:
+    "The checkpoint `--mode test` scores: `student_weights`, else the run folder's best.pt."
+    return Path(student_weights or Path(run_dir) / 'checkpoints' / 'best.pt')
+
 def test_student(cfg: Config, student_weights: str | Path | None = None) -> dict:
-    "Evaluate a student checkpoint on the test split; write metrics.json and per_image.csv."
-    path, out = Path(student_weights or Path(cfg.output.run_dir) / 'checkpoints' / 'best.pt'), Path(cfg.output.run_dir)
+    "Evaluate a student checkpoint on the test split; write metrics.json (the evaluation's layout) and per_image.csv."
+    path, out = student_checkpoint(cfg.output.run_dir, student_weights), Path(cfg.output.run_dir)
     if not path.is_file():
         raise SkinkdError(f'--mode test: no checkpoint at {path}; pass --student_weights PATH or --out a run folder with checkpoints/best.pt')
     if (role := load_checkpoint(path)['role']) != 'student':
@@ -483,11 +552,13 @@ def test_student(cfg: Config, student_weights: str | Path | None = None) -> dict
     summary = {**{k: round(float(v), 6) for k, v in r.summary.items()}, 'params': r.params, 'macs': r.macs,
                'cpu_latency_s': round(r.latency_s, 5), 'checkpoint': str(path)}
     save_config(cfg, out / 'test_config.yaml')  # beside the training run's config.yaml, which it must not replace
-    write_json(out / 'metrics.json', summary); write_per_image_csv(out / 'per_image.csv', list(cache.ids), [r])
+    write_json(out / 'metrics.json', metrics_record([r])); write_per_image_csv(out / 'per_image.csv', list(cache.ids), [r])
     return summary
 
 def test_student_command(args: argparse.Namespace) -> dict:
     "What `skinkd_distill --mode test` does (routed here by `skinkd.cli`): score the student, print the summary as JSON."
-    result = test_student(config_from_args(args), args.student_weights)
+    cfg = config_from_args(with_default_config(args))
+    if (path := student_checkpoint(cfg.output.run_dir, args.student_weights)).is_file(): cfg = config_for_checkpoints(args, [path])
+    result = test_student(cfg, args.student_weights)
     print(json.dumps(result))
     return result

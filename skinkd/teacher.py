@@ -9,7 +9,7 @@ import argparse
 import json
 
 from .cli import train_teacher_main
-from .config import Config, config_from_args
+from .config import Config, config_from_args, with_default_config
 from .learner import Learner, SegTask, is_main, train_model
 from .losses import seg_loss_from_config
 
@@ -29,7 +29,7 @@ def train_teacher(cfg: Config) -> Learner:
 # %% ../nbs/07_train_teacher.ipynb #d48c7246
 def train_teacher_command(args: argparse.Namespace) -> Learner:
     "What `skinkd_train_teacher` does with its parsed options (`skinkd.cli`): train, then print a JSON summary."
-    cfg = config_from_args(args, backbone_params(args.backbone))
+    cfg = config_from_args(with_default_config(args), backbone_params(args.backbone))
     learner = train_teacher(cfg)
     if is_main(): print(json.dumps({'run_dir': cfg.output.run_dir, 'best_val_dice': round(learner.best, 4), 'epochs': learner.epoch}))
     return learner

@@ -175,3 +175,52 @@ def test_report_opens_with_the_verdict(setup, evaluation):
     assert report[0] == '# Evaluation report' and report[2] == f'**{evaluation.verdict.line()}**'
     m = json.loads((setup['tmp'] / 'report' / 'metrics.json').read_text())
     assert m['verdict']['lines'] == evaluation.verdict.lines() and m['verdict']['n_seeds'] == 1
+
+
+def _checkpoint_at(path, size):
+    "An untrained student checkpoint that records a working size of `size` px, as best.pt files do."
+    torch.manual_seed(0)
+    pre = dict(image_size=size, mirror_pad=True, mask_resize='nearest', normalize=True)
+    return save_checkpoint(path, DeepLabV3Plus('resnet18'), ModelConfig(), 'student', preprocessing=pre)
+
+
+def test_evaluation_scores_at_the_checkpoints_own_size(setup, tmp_path):
+    "A 48-px checkpoint evaluated without a config scores at 48 px; a config that asks for 32 px is honoured with one warning."
+    ck = _checkpoint_at(tmp_path / 'm48.pt', 48)
+    run = lambda *extra: subprocess.run(['skinkd_evaluate', '--weights', str(ck), '--data', str(setup['root']), '--latency-runs', '1',
+                                         '--set', f'data.cache_dir={tmp_path}/cache', *extra], capture_output=True, text=True, timeout=600)
+    r = run('--out', str(tmp_path / 'own'))
+    assert r.returncode == 0, r.stderr
+    assert 'working size 48 px' in (tmp_path / 'own' / 'report.md').read_text() and 'warning' not in r.stderr
+    r = run('--out', str(tmp_path / 'asked'), '--set', 'data.image_size=32')
+    assert r.returncode == 0, r.stderr
+    assert 'working size 32 px' in (tmp_path / 'asked' / 'report.md').read_text()
+    warnings = [l for l in r.stderr.splitlines() if l.startswith('warning:')]
+    assert len(warnings) == 1 and 'trained with data.image_size=48' in warnings[0] and 'data.image_size=32' in warnings[0]
+
+
+def test_checkpoints_trained_at_different_sizes_are_refused_together(setup, tmp_path):
+    a, b = _checkpoint_at(tmp_path / 'a.pt', 48), _checkpoint_at(tmp_path / 'b.pt', 64)
+    r = subprocess.run(['skinkd_evaluate', '--weights', str(a), str(b), '--data', str(setup['root']), '--out', str(tmp_path / 'o')],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and 'evaluate them in separate runs' in r.stderr and 'Traceback' not in r.stderr
+    assert not (tmp_path / 'o').exists()
+
+
+def test_split_all_scores_every_pair_of_a_folder_without_a_split(tmp_path):
+    "A generic images/ + masks/ folder (no official split): --split all scores all of it, with no split file."
+    from PIL import Image
+    from skinkd.synthetic import synth_image
+    for d in ('images', 'masks'): (tmp_path / 'ext' / d).mkdir(parents=True)
+    for i in range(7):
+        im, m = synth_image(np.random.default_rng(i), 40, 48)
+        Image.fromarray(im).save(tmp_path / 'ext' / 'images' / f'case{i}.png')
+        Image.fromarray(m.astype(np.uint8) * 255).save(tmp_path / 'ext' / 'masks' / f'case{i}_mask.png')
+    ck = _checkpoint_at(tmp_path / 'm.pt', 32)
+    r = subprocess.run(['skinkd_evaluate', '--weights', str(ck), '--data', str(tmp_path / 'ext'), '--split', 'all', '--latency-runs', '1',
+                        '--set', f'data.cache_dir={tmp_path}/cache', '--out', str(tmp_path / 'rep')], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / 'rep' / 'metrics.json').read_text())
+    assert m['models']['m']['n_images'] == 7
+    rows = (tmp_path / 'rep' / 'per_image.csv').read_text().splitlines()[1:]
+    assert sorted(r.split(',')[0] for r in rows) == [f'case{i}' for i in range(7)]

@@ -85,8 +85,10 @@ def test_distill_raw_and_test_modes(data_args, teacher, tmp_path):
 
     p = run(['skinkd_distill', '--mode', 'test', *data_args, '--out', str(tmp_path / 'distill')])
     summary = last_json(p.stdout)
-    metrics = json.loads((tmp_path / 'distill' / 'metrics.json').read_text())
-    for key in ('dice', 'jaccard', 'thresholded_jaccard', 'sensitivity', 'specificity', 'accuracy', 'hd95',
+    record = json.loads((tmp_path / 'distill' / 'metrics.json').read_text())
+    assert set(record) == {'models', 'paired_distilled_vs_raw', 'verdict'}  # the layout skinkd_evaluate writes
+    (metrics,) = record['models'].values()
+    for key in ('dice', 'jaccard', 'thresholded_jaccard', 'sensitivity', 'specificity', 'accuracy', 'hd95', 'hd95_misses',
                 'failure_rate', 'n_images'):
         assert key in metrics and key in summary
     per_image = (tmp_path / 'distill' / 'per_image.csv').read_text().strip().splitlines()
@@ -300,3 +302,24 @@ def test_mixed_batches_hold_the_ratio_over_an_epoch_with_workers(tmp_path):
     assert max(drawn.values()) - min(drawn.values()) <= 1          # whole permutations in turn
     loader.set_epoch(0)
     assert torch.equal(next(iter(loader))['unlabeled'], batches[0]['unlabeled'])  # workers draw the same augmentations again
+
+
+def test_training_commands_use_configs_config_yaml_of_the_working_folder(tmp_path, data_args):
+    "As the original scripts did: no --config means ./configs/config.yaml when it exists (said in one line), else the defaults."
+    import yaml
+    sets = dict(s.split('=', 1) for s in data_args[3::2])
+    conf = {}
+    for key, value in sets.items():
+        *parents, last = key.split('.')
+        node = conf
+        for k in parents: node = node.setdefault(k, {})
+        node[last] = yaml.safe_load(value)
+    conf['train']['epochs'] = 1
+    (tmp_path / 'configs').mkdir(); (tmp_path / 'configs' / 'config.yaml').write_text(yaml.safe_dump(conf))
+    p = run(['skinkd_train_teacher', '--backbone', 'resnet', '--out', 'teacher'], cwd=tmp_path)
+    assert p.stdout.splitlines()[0] == 'config: configs/config.yaml (found in the working folder; --config chooses another)'
+    assert load_config(tmp_path / 'teacher' / 'config.yaml').train.epochs == 1 and last_json(p.stdout)['epochs'] == 1
+    empty = tmp_path / 'empty'; empty.mkdir()
+    p = run(['skinkd_distill', '--mode', 'raw', '--out', 'raw'], check=False, cwd=empty)
+    assert p.stdout.splitlines()[0].startswith('config: the built-in defaults (no --config')
+    assert p.returncode == 1 and 'data folder' in p.stderr and 'Traceback' not in p.stderr  # the defaults' data/synthetic is not there
