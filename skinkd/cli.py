@@ -15,8 +15,8 @@ from .core import ENCODERS, OneOf, Registry, did_you_mean
 
 # %% auto #0
 __all__ = ['COMMANDS', 'synth_main', 'check_data_main', 'export_main', 'train_teacher_main', 'distill_main', 'evaluate_main',
-           'pipeline_main', 'experiment_main', 'Command', 'command', 'build_parser', 'parse', 'launch', 'entry_point',
-           'registered']
+           'pipeline_main', 'experiment_main', 'predict_main', 'Command', 'command', 'build_parser', 'parse', 'launch',
+           'entry_point', 'registered']
 
 # %% ../nbs/00b_cli.ipynb #0bbdd0b4
 @dataclass(frozen=True)
@@ -133,6 +133,16 @@ def _experiment_options(p):
     p.add_argument('--ablation', action='store_true', help='also distil with the logit term only and with the feature terms only')
     p.add_argument('--smoke', action='store_true', help='the smoke preset: tiny synthetic data, 2 epochs (a minute or two)')
 
+@command('skinkd_predict', "Segment new images with a trained checkpoint: masks at each image's original size.", 'skinkd.predict:predict_command', config=False)
+def _predict_options(p):
+    p.add_argument('--weights', required=True, help='checkpoint (.pt) written by skinkd; its working size and preprocessing are used')
+    p.add_argument('--images', nargs='+', required=True, help='image files, folders (plain or any dataset layout) and globs')
+    p.add_argument('--out', required=True, help='output folder for <id>_segmentation.png files and predictions.csv')
+    p.add_argument('--threshold', type=float, default=0.5, help='lesion probability threshold (default: 0.5)')
+    p.add_argument('--tta', action='store_true', help='also predict the flipped images and average')
+    p.add_argument('--probabilities', action='store_true', help='also write <id>_probability.png (P(lesion) x 255)')
+    p.add_argument('--overlays', action='store_true', help='also write <id>_overlay.png for a quick look')
+
 synth_main, check_data_main, export_main = entry_point('skinkd_synth'), entry_point('skinkd_check_data'), entry_point('skinkd_export')
 train_teacher_main, distill_main, evaluate_main = entry_point('skinkd_train_teacher'), entry_point('skinkd_distill'), entry_point('skinkd_evaluate')
-pipeline_main, experiment_main = entry_point('skinkd_pipeline'), entry_point('skinkd_experiment')
+pipeline_main, experiment_main, predict_main = entry_point('skinkd_pipeline'), entry_point('skinkd_experiment'), entry_point('skinkd_predict')

@@ -39,12 +39,12 @@ from .synthetic import ISIC2018_DIRS, make_synthetic
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'ISIC_PARTS', 'SPLITS', 'check_data_cli', 'CACHE_VERSION', 'IMAGENET_MEAN',
            'IMAGENET_STD', 'Sample', 'Layout', 'layout', 'detect_layout', 'scan', 'discover', 'read_groups',
-           'read_split_file', 'split_samples', 'split_labeled', 'binarize_mask', 'load_pair', 'DataReport',
-           'report_summary', 'default_workers', 'check_data', 'check_data_command', 'usable_samples', 'image_samples',
-           'check_images', 'mirror_pad_to_square', 'prepare_image', 'prepare_pair', 'restore_original', 'cache_key',
-           'SegCache', 'build_cache', 'normalize', 'denormalize', 'build_transforms', 'preprocessing', 'SegDataset',
-           'item_seed', 'EpochSampler', 'seed_worker', 'build_loader', 'MixedLoader', 'mixed_loader', 'DataBundle',
-           'prepare_root', 'get_data', 'labels_csv']
+           'read_split_file', 'split_samples', 'split_labeled', 'binarize_mask', 'load_image', 'load_pair',
+           'DataReport', 'report_summary', 'default_workers', 'check_data', 'check_data_command', 'usable_samples',
+           'image_samples', 'check_images', 'mirror_pad_to_square', 'prepare_image', 'prepare_pair', 'restore_original',
+           'cache_key', 'SegCache', 'build_cache', 'normalize', 'denormalize', 'build_transforms', 'preprocessing',
+           'SegDataset', 'item_seed', 'EpochSampler', 'seed_worker', 'build_loader', 'MixedLoader', 'mixed_loader',
+           'DataBundle', 'prepare_root', 'get_data', 'labels_csv']
 
 # %% ../nbs/01_data.ipynb #52f57b6a
 class Sample(NamedTuple):
@@ -286,9 +286,13 @@ def _open(path: Path, what: str) -> Image.Image:
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         raise DataError(f'cannot decode {what} {path} ({type(e).__name__}: {e}); re-export or remove it') from None
 
+def load_image(path: str | Path) -> np.ndarray:
+    "Decode an image file as RGB (H,W,3) uint8; a `DataError` naming the file when it cannot be decoded."
+    return _to_rgb(_open(Path(path), 'image'))[0]
+
 def load_pair(s: Sample) -> tuple[np.ndarray, np.ndarray]:
     "Decode a sample: RGB image (H,W,3) uint8 and boolean mask (H,W)."
-    img, _ = _to_rgb(_open(s.image, 'image'))
+    img = load_image(s.image)
     return img, binarize_mask(_mask_array(_open(s.mask, 'mask'))[0])
 
 # %% ../nbs/01_data.ipynb #ebc185d1
@@ -505,7 +509,7 @@ class SegCache:
 def _decode_prepared(s: Sample, size: int, mirror_pad: bool, mask_resize: str):
     "Decode a sample: (image SxSx3, mask SxS, original (H,W), packed original mask); masks None when it has none."
     if s.mask is None:
-        img, _ = _to_rgb(_open(s.image, 'image'))
+        img = load_image(s.image)
         return prepare_image(img, size, mirror_pad), None, img.shape[:2], None
     img, m = load_pair(s)
     si, sm = prepare_pair(img, m, size, mirror_pad, mask_resize)

@@ -34,8 +34,8 @@ from .models import is_resumable, load_checkpoint, prepare_for_training, save_ch
 # %% auto #0
 __all__ = ['RUN_TITLES', 'set_seed', 'rng_state', 'set_rng_state', 'init_distributed', 'is_main', 'default_device', 'lr_factor',
            'build_optimizer', 'build_scheduler', 'SegTask', 'to_device', 'autocast', 'validate', 'set_loader_epoch',
-           'progress_enabled', 'write_history', 'save_figure', 'term_contributions', 'history_figure', 'Learner',
-           'average_gradients', 'resume_conflicts', 'train_model']
+           'progress_enabled', 'duration_text', 'write_history', 'save_figure', 'term_contributions', 'history_figure',
+           'Learner', 'average_gradients', 'resume_conflicts', 'train_model']
 
 # %% ../nbs/06_learner.ipynb #83236a14
 def set_seed(seed: int, deterministic: bool = False):
@@ -145,6 +145,12 @@ def progress_enabled() -> bool:
     return os.environ.get('SKINKD_PROGRESS', '1') != '0'
 
 # %% ../nbs/06_learner.ipynb #68ff8973
+def duration_text(seconds: float) -> str:
+    "A duration for people: '42 s', '3 min 05 s', '1 h 02 min'."
+    s = round(seconds)
+    if s < 60: return f'{s} s'
+    return f'{s // 60} min {s % 60:02d} s' if s < 3600 else f'{s // 3600} h {s % 3600 // 60:02d} min'
+
 def write_history(history: list[dict], path: Path):
     "Write the per-epoch rows as CSV, atomically."
     text = io.StringIO()
@@ -305,8 +311,9 @@ def end_epoch(self: Learner, train: dict, val: dict, seconds: float):
     write_history(self.history, self.run_dir / 'metrics.csv')
     save_figure(history_figure(self.history, self.title, self.cfg.distill.terms if self.mode == 'distill' else ()),
                 self.run_dir / 'training_curves.png')
+    left = (self.tc.epochs - self.epoch) * sum(r['seconds'] for r in self.history) / len(self.history)
     tqdm.write(f"{self.mode} epoch {self.epoch}/{self.tc.epochs}: loss {row.get('train_loss', float('nan')):.4f} "
-               f"val dice {val['dice']:.4f} jaccard {val['jaccard']:.4f} ({seconds:.1f}s)")
+               f"val dice {val['dice']:.4f} jaccard {val['jaccard']:.4f} ({seconds:.1f}s" + (f', ETA {duration_text(left)})' if left else ')'))
 
 @patch
 def save(self: Learner, name: str, metrics: dict) -> Path:

@@ -23,7 +23,7 @@ from .config import Config, SkinkdError, atomic_write, notebook_config, save_con
 
 # %% auto #0
 __all__ = ['DEMO_TAG', 'KERNEL_ARGS', 'RUN_NAMES', 'main', 'Stage', 'stages', 'notebooks_dir', 'stage_params', 'check_parameters',
-           'run_stage', 'summarize_run', 'summary_text', 'run_pipeline', 'pipeline_command']
+           'stage_line', 'run_stage', 'summarize_run', 'summary_text', 'run_pipeline', 'pipeline_command']
 
 # %% ../nbs/11_pipeline.ipynb #351dee7e
 @dataclass
@@ -74,11 +74,16 @@ def check_parameters(nbs: Path, plan: list[tuple[Stage, dict]]):
 DEMO_TAG = 'demo'  # cells that demonstrate and test a chapter's functions: run when stepping through and by nbdev_test
 KERNEL_ARGS = ['--IPKernelApp.log_level=CRITICAL']  # the kernel's own housekeeping log (TCP notice, shutdown interrupt)
 
-def run_stage(stage: Stage, params: dict, nbs: Path, out: Path, log_output: bool = True) -> Path:
+def stage_line(stage: Stage, params: dict, position: str = '') -> str:
+    "The line that opens a stage: its name, where it stands, its notebook and its run folder."
+    where = f" -> {params['run_dir']}" if params.get('run_dir') else ''
+    return f"== {stage.name}{f' ({position})' if position else ''}: nbs/{stage.notebook}{where}"
+
+def run_stage(stage: Stage, params: dict, nbs: Path, out: Path, log_output: bool = True, position: str = '') -> Path:
     "Execute one chapter with papermill into `out/notebooks/`, echoing what its cells print; demo cells are skipped."
     dest = out / 'notebooks' / f'{stage.name}.ipynb'
     dest.parent.mkdir(parents=True, exist_ok=True)
-    print(f'== {stage.name}', flush=True)
+    print(stage_line(stage, params, position), flush=True)
     echo = dict(stdout_file=sys.stdout, stderr_file=sys.stderr) if log_output else {}
     try:
         pm.execute_notebook(str(nbs / stage.notebook), str(dest), parameters=params, cwd=str(nbs), kernel_name='python3',
@@ -135,7 +140,7 @@ def run_pipeline(config: str | Path, out: str | Path, overrides: list[str] = (),
     save_config(cfg, out / 'config.yaml')
     prepare_root(cfg)  # generate the synthetic set once, before the chapters read it
     os.environ.setdefault('SKINKD_PROGRESS', '0')  # executed notebooks keep the per-epoch lines, not the bars
-    for stage, params in plan: run_stage(stage, params, nbs, out, log_output)
+    for i, (stage, params) in enumerate(plan, 1): run_stage(stage, params, nbs, out, log_output, f'stage {i} of {len(plan)}')
     return summarize_run(out, time.time() - start)
 
 def pipeline_command(args: argparse.Namespace) -> dict:

@@ -5,8 +5,10 @@
 # %% ../nbs/10_viewer.ipynb #d191c5b5
 from __future__ import annotations
 
+import csv
 import html
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import ipywidgets as widgets
 import numpy as np
@@ -247,7 +249,9 @@ class LazyImages(Sequence):
 def from_run(cls: MaskViewer, run_dir, # run folder holding predictions.npz, or the file itself
              **kwargs, # passed on to `MaskViewer` (alpha, mode)
             ) -> MaskViewer:
-    "A viewer of the predictions that `skinkd_evaluate` saved in a run folder."
+    "A viewer of the predictions that `skinkd_evaluate` (predictions.npz) or `skinkd_predict` (predictions.csv) saved in a folder."
+    if Path(run_dir).is_dir() and not (Path(run_dir) / 'predictions.npz').is_file() and (Path(run_dir) / 'predictions.csv').is_file():
+        return cls.from_predict(run_dir, **kwargs)
     p = load_predictions(run_dir)
     return cls(p['images'], p['truth'], p['preds'], p['metrics'], p['ids'], **kwargs)
 
@@ -264,3 +268,17 @@ def from_dataset(cls: MaskViewer, root, # dataset folder (any layout `skinkd.dat
     if not samples: raise ViewerError(f'no images found in {root}' + (f" for split '{split}'" if split else '') + '; check the folder and layout')
     truth = LazyImages([s.mask for s in samples], 'mask', max_side) if any(s.mask for s in samples) else None
     return cls(LazyImages([s.image for s in samples], 'image', max_side), truth, ids=[s.id for s in samples], **kwargs)
+
+@patch(cls_method=True)
+def from_predict(cls: MaskViewer, out, # the output folder of `skinkd_predict` (predictions.csv and the masks)
+                 max_side: int = 512, # longest side of the displayed images
+                 **kwargs, # passed on to `MaskViewer`
+                ) -> MaskViewer:
+    "A viewer of new images and their predicted masks, with no ground truth: sort by lesion area or confidence."
+    out = Path(out)
+    if not (out / 'predictions.csv').is_file(): raise ViewerError(f'{out / "predictions.csv"} not found; write it with skinkd_predict --out {out}')
+    rows = list(csv.DictReader(open(out / 'predictions.csv', newline='')))
+    if not rows: raise ViewerError(f'{out / "predictions.csv"} lists no images; every image may have failed: see skinkd_predict\'s summary')
+    masks = LazyImages([out / f"{r['id']}_segmentation.png" for r in rows], 'mask', max_side)
+    metrics = {k: [float(r[k]) for r in rows] for k in ('lesion_fraction', 'mean_confidence')}
+    return cls(LazyImages([r['file'] for r in rows], 'image', max_side), None, {'prediction': masks}, metrics, [r['id'] for r in rows], **kwargs)
