@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -37,14 +37,14 @@ from .core import DataError
 from .synthetic import ISIC2018_DIRS, make_synthetic
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'ISIC_PARTS', 'SPLITS', 'check_data_cli', 'CACHE_VERSION', 'IMAGENET_MEAN',
-           'IMAGENET_STD', 'Sample', 'Layout', 'layout', 'detect_layout', 'scan', 'discover', 'read_groups',
-           'read_split_file', 'split_samples', 'split_labeled', 'binarize_mask', 'load_image', 'load_pair',
-           'DataReport', 'report_summary', 'default_workers', 'check_data', 'check_data_command', 'usable_samples',
-           'image_samples', 'check_images', 'mirror_pad_to_square', 'prepare_image', 'prepare_pair', 'restore_original',
-           'cache_key', 'SegCache', 'build_cache', 'normalize', 'denormalize', 'build_transforms', 'preprocessing',
-           'SegDataset', 'item_seed', 'EpochSampler', 'seed_worker', 'build_loader', 'MixedLoader', 'mixed_loader',
-           'DataBundle', 'prepare_root', 'get_data', 'labels_csv']
+__all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'ISIC_PARTS', 'SPLITS', 'EXIF_ORIENTATION', 'CACHE_VERSION', 'check_data_cli',
+           'IMAGENET_MEAN', 'IMAGENET_STD', 'Sample', 'Layout', 'layout', 'detect_layout', 'scan', 'discover',
+           'read_groups', 'read_split_file', 'split_samples', 'split_labeled', 'binarize_mask', 'load_image',
+           'load_pair', 'DataReport', 'report_summary', 'default_workers', 'check_data', 'check_data_command',
+           'usable_samples', 'image_samples', 'check_images', 'mirror_pad_to_square', 'prepare_image', 'prepare_pair',
+           'restore_original', 'cache_key', 'SegCache', 'build_cache', 'normalize', 'denormalize', 'build_transforms',
+           'preprocessing', 'SegDataset', 'item_seed', 'EpochSampler', 'seed_worker', 'build_loader', 'MixedLoader',
+           'mixed_loader', 'DataBundle', 'prepare_root', 'get_data', 'labels_csv']
 
 # %% ../nbs/01_data.ipynb #52f57b6a
 class Sample(NamedTuple):
@@ -270,7 +270,9 @@ def _to_rgb(im: Image.Image) -> tuple[np.ndarray, str | None]:
 
 def _mask_array(im: Image.Image) -> tuple[np.ndarray, str | None]:
     "A 2-D uint8 array of the mask `im`, and a note when it had to be converted."
-    if im.mode in ('L', 'P'): return np.asarray(im), None
+    if im.mode == 'L': return np.asarray(im), None
+    if im.mode == 'P':  # read through the palette, as viewers show it: any colour but black is lesion
+        return (np.asarray(im.convert('RGB')).max(axis=2) >= 128).astype(np.uint8) * 255, "palette mask read through its palette"
     if im.mode == '1': return np.asarray(im).astype(np.uint8) * 255, None
     if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'): return (np.asarray(im).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8), '16-bit mask converted to 8-bit'
     return np.asarray(im.convert('L')), f'{im.mode} mask converted to grayscale'
@@ -279,10 +281,17 @@ def binarize_mask(a: np.ndarray) -> np.ndarray:
     "Boolean lesion mask of a 0/1 or 0/255 mask array."
     return a >= (128 if a.max() > 1 else 1)
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how a camera's stored pixels must be turned to be seen upright
+CACHE_VERSION = 2  # how files are decoded, in the check and cache keys; 2: upright (EXIF) images, palette masks through the palette
+
 def _open(path: Path, what: str) -> Image.Image:
-    "Open and decode an image file, raising `DataError` naming it when it cannot be decoded."
+    "Open and decode an image file upright (EXIF orientation applied), raising `DataError` naming it when it cannot be decoded."
     try:
-        im = Image.open(path); im.load(); return im
+        im = Image.open(path); im.load()
+        turn = im.getexif().get(EXIF_ORIENTATION, 1)
+        if turn in range(2, 9):
+            im = ImageOps.exif_transpose(im); im.info['upright'] = f'turned upright by its EXIF orientation ({turn})'
+        return im
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         raise DataError(f'cannot decode {what} {path} ({type(e).__name__}: {e}); re-export or remove it') from None
 
@@ -299,14 +308,14 @@ def load_pair(s: Sample) -> tuple[np.ndarray, np.ndarray]:
 def _check_sample(s: Sample, needs_mask: bool = True) -> dict:
     "Check one pair (or, without `needs_mask`, one image): problems (unusable), notes (converted), image hash and size."
     out = dict(problems=[], notes=[], digest=hashlib.sha1(s.image.read_bytes()).hexdigest(), hw=None)
-    try: img, note = _to_rgb(_open(s.image, 'image'))
+    try: im = _open(s.image, 'image'); img, note = _to_rgb(im)
     except DataError as e: out['problems'].append(str(e)); return out
-    out['hw'] = list(img.shape[:2]); out['notes'] += [f'{s.image}: {note}'] if note else []
+    out['hw'] = list(img.shape[:2]); out['notes'] += [f'{s.image}: {n}' for n in (im.info.get('upright'), note) if n]
     if s.mask is None and not needs_mask: return out
     if s.mask is None: out['problems'].append(f'image {s.image} has no mask; add its mask or remove the image'); return out
-    try: m, mnote = _mask_array(_open(s.mask, 'mask'))
+    try: mim = _open(s.mask, 'mask'); m, mnote = _mask_array(mim)
     except DataError as e: out['problems'].append(str(e)); return out
-    out['notes'] += [f'{s.mask}: {mnote}'] if mnote else []
+    out['notes'] += [f'{s.mask}: {n}' for n in (mim.info.get('upright'), mnote) if n]
     if m.shape != img.shape[:2]:
         out['problems'].append(f'image {s.image} is {img.shape[1]}x{img.shape[0]} but mask {s.mask} is {m.shape[1]}x{m.shape[0]}; save the mask at the image size')
     vals = np.unique(m)
@@ -363,7 +372,7 @@ def _checks(samples: list[Sample], cache_dir: str | Path | None, needs_mask: boo
     "Check every sample (in threads), reusing results remembered in `cache_dir`."
     path = Path(cache_dir) / 'checks.json' if cache_dir is not None else None
     memo = json.loads(path.read_text()) if path is not None and path.is_file() else {}
-    keys = [_fingerprint(s) + ('' if needs_mask else ':image') for s in samples]
+    keys = [f'v{CACHE_VERSION}:' + _fingerprint(s) + ('' if needs_mask else ':image') for s in samples]
     todo = [(k, s) for k, s in zip(keys, samples) if k not in memo]
     with ThreadPoolExecutor(default_workers()) as ex:
         memo.update(zip([k for k, _ in todo], ex.map(partial(_check_sample, needs_mask=needs_mask), [s for _, s in todo])))
@@ -473,8 +482,6 @@ def restore_original(prob: torch.Tensor, # (C,S,S) probabilities or logits at th
     return up[:, top:top + h, left:left + w]
 
 # %% ../nbs/01_data.ipynb #fe7b5490
-CACHE_VERSION = 1
-
 def cache_key(samples: list[Sample], size: int, mirror_pad: bool, mask_resize: str) -> str:
     "A hash of every file (path, size, mtime) and option that determines the cache content."
     spec = [CACHE_VERSION, size, mirror_pad, mask_resize, [(s.id, _fingerprint(s)) for s in samples]]

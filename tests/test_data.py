@@ -15,7 +15,7 @@ from torchvision import tv_tensors
 from skinkd.config import AugmentConfig, load_config
 from skinkd.data import (DataError, EpochSampler, Sample, SegDataset, build_cache, build_loader, build_transforms, check_data,
                          denormalize, detect_layout, discover, get_data, make_synthetic, mirror_pad_to_square,
-                         restore_original, split_samples, usable_samples)
+                         load_pair, restore_original, split_samples, usable_samples)
 from skinkd.synthetic import synth_image
 
 
@@ -415,3 +415,37 @@ def test_epoch_sampler_shards_like_distributed_sampler(tmp_path):
         assert (EpochSampler(4).rank, EpochSampler(4).world) == (0, 1)
     finally:
         dist.destroy_process_group()
+
+
+def _generic(root):
+    for d in ('images', 'masks'): (root / d).mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def test_an_exif_rotated_photo_is_read_as_displayed(tmp_path):
+    "A camera photo stored sideways with EXIF orientation 6, its mask drawn on the displayed view: they agree, with a note."
+    from PIL import Image
+    upright, mask = synth_image(np.random.default_rng(4), 48, 64)
+    exif = Image.Exif(); exif[0x0112] = 6  # 'rotate 90 clockwise to display'
+    root = _generic(tmp_path / 'phone')
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(root / 'images' / 'a.jpg', quality=95, exif=exif.tobytes())
+    Image.fromarray(mask.astype(np.uint8) * 255).save(root / 'masks' / 'a_mask.png')
+    report = check_data(root)
+    assert report.ok, report.bad_lines()  # was: a size mismatch (64x48 stored, 48x64 mask)
+    assert any('turned upright by its EXIF orientation (6)' in n for n in report.notes['a'])
+    img, m = load_pair(report.samples[0])
+    assert img.shape == (48, 64, 3) and (m == mask).all()
+    assert np.abs(img.astype(int) - upright.astype(int)).mean() < 6  # the displayed pixels, up to JPEG noise
+
+
+def test_a_palette_mask_is_read_through_its_palette(tmp_path):
+    "A mode-P mask whose palette maps index 0 to white: the white lesion is the lesion (it was read inverted)."
+    from PIL import Image
+    shown = np.zeros((20, 30), bool); shown[5:15, 10:20] = True
+    root = _generic(tmp_path / 'pal')
+    Image.fromarray(synth_image(np.random.default_rng(0), 20, 30)[0]).save(root / 'images' / 'b.png')
+    pal = Image.fromarray(np.where(shown, 0, 1).astype(np.uint8), mode='P'); pal.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)
+    pal.save(root / 'masks' / 'b_mask.png')
+    report = check_data(root)
+    assert report.ok and any('palette mask read through its palette' in n for n in report.notes['b'])
+    assert (load_pair(report.samples[0])[1] == shown).all()
