@@ -23,14 +23,15 @@ from .core import ENCODERS, KD_TERMS, LAYOUTS, OneOf, SkinkdError, atomic_write,
 _all_ = ['SkinkdError', 'atomic_write', 'cli_main', 'scratch_dir', 'unique_names']  # still importable from here, as before 00_core
 
 # %% auto #0
-__all__ = ['TAPS', 'TEACHER_KEYS', 'TeacherRecipe', 'BUILDER_ARGS', 'TERM_KEYS', 'OLD_TERM_DEFAULTS', 'STAGES', 'NOT_RECIPE',
-           'PATH_KEYS', 'DEFAULT_CONFIG', 'SMOKE_OVERRIDES', 'ConfigError', 'opt', 'DataConfig', 'AugmentConfig',
-           'ModelConfig', 'Recipe', 'overrides_of', 'TrainConfig', 'TermParam', 'term_params', 'DistillTerm',
-           'DistillConfig', 'EvalConfig', 'OutputConfig', 'Config', 'from_dict', 'parse_term', 'parse_override',
-           'read_yaml', 'load_config', 'teacher_overrides', 'stage_recipe', 'recipe_source', 'flat_config',
-           'differences', 'student_recipe', 'recipe_differences', 'resolve_paths', 'plain_config', 'config_to_yaml',
-           'save_config', 'add_config_args', 'config_from_args', 'with_default_config', 'is_smoke', 'notebook_config',
-           'term_rows', 'describe', 'SkinkdError', 'atomic_write', 'cli_main', 'scratch_dir', 'unique_names']
+__all__ = ['TAPS', 'TEACHER_KEYS', 'TeacherRecipe', 'BUILDER_ARGS', 'TERM_KEYS', 'OLD_TERM_DEFAULTS', 'MAX_YAML_VALUES', 'STAGES',
+           'NOT_RECIPE', 'PATH_KEYS', 'DEFAULT_CONFIG', 'SMOKE_OVERRIDES', 'ConfigError', 'opt', 'DataConfig',
+           'AugmentConfig', 'ModelConfig', 'Recipe', 'overrides_of', 'TrainConfig', 'TermParam', 'term_params',
+           'DistillTerm', 'DistillConfig', 'EvalConfig', 'OutputConfig', 'Config', 'from_dict', 'parse_term',
+           'parse_override', 'read_yaml', 'load_config', 'teacher_overrides', 'stage_recipe', 'recipe_source',
+           'flat_config', 'differences', 'student_recipe', 'recipe_differences', 'resolve_paths', 'plain_config',
+           'config_to_yaml', 'save_config', 'add_config_args', 'config_from_args', 'with_default_config', 'is_smoke',
+           'notebook_config', 'term_rows', 'describe', 'SkinkdError', 'atomic_write', 'cli_main', 'scratch_dir',
+           'unique_names']
 
 # %% ../nbs/00a_config.ipynb #17e1d70b
 class ConfigError(SkinkdError, ValueError):
@@ -407,12 +408,30 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 # %% ../nbs/00a_config.ipynb #2e9efae4
+MAX_YAML_VALUES = 100_000  # a config holds hundreds; a 'billion laughs' alias bomb expands to billions
+
+def _expanded_size(obj, seen: dict | None = None) -> int:
+    "How many values `obj` holds with every YAML alias expanded (a shared list counts each time it is used)."
+    seen = {} if seen is None else seen
+    if not isinstance(obj, (dict, list)): return 1
+    if id(obj) in seen:
+        if seen[id(obj)] is None: raise ConfigError('the YAML document refers to itself (a recursive alias); write the values out')
+        return seen[id(obj)]
+    seen[id(obj)] = None
+    seen[id(obj)] = n = 1 + sum(_expanded_size(v, seen) for v in (obj.values() if isinstance(obj, dict) else obj))
+    return n
+
 def read_yaml(path) -> dict:
-    "Read a YAML mapping safely; a missing, empty, malformed or non-mapping file raises `ConfigError`."
+    "Read a YAML mapping safely; a missing, non-UTF-8, empty, malformed, non-mapping or alias-bomb file raises `ConfigError`."
     path = Path(path)
     if not path.is_file(): raise ConfigError(f"config file {path} not found; pass --config with the path to a YAML file (see configs/)")
     try: data = yaml.safe_load(path.read_text(encoding='utf-8'))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e: raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if _expanded_size(data) > MAX_YAML_VALUES:
+        raise ConfigError(f"config file {path} expands to more than {MAX_YAML_VALUES:,} values through YAML aliases; "
+                          'a config needs far fewer: write the values out')
     if data is None: raise ConfigError(f"config file {path} is empty; start from configs/demo.yaml or configs/config.yaml")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (data:, train:, ...), got {type(data).__name__}")

@@ -385,6 +385,12 @@ def default_workers(n: int | None = None) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     return min(4, cpus)
 
+def _shared_ids(samples: list[Sample]) -> dict[str, list[Path]]:
+    "Ids that more than one image file claims (a.jpg and a.png), with their files."
+    files: dict[str, list[Path]] = {}
+    for s in samples: files.setdefault(s.id, []).append(s.image)
+    return {k: v for k, v in files.items() if len(v) > 1}
+
 def check_data(root: str | Path, # dataset folder
                layout: str = 'auto', # layout name, or auto
                cache_dir: str | Path | None = None, # where to remember results between runs (None: nowhere)
@@ -399,6 +405,8 @@ def check_data(root: str | Path, # dataset folder
         if c['hw']: r.sizes[s.id] = tuple(c['hw'])
         by_digest.setdefault(c['digest'], []).append(s.id)
     r.duplicates = [g for g in by_digest.values() if len(g) > 1]
+    for id_, files in _shared_ids(samples).items():
+        r.problems[id_] = [f"images {', '.join(str(f) for f in files)} share the id '{id_}' (the same name); rename or remove all but one"]
     return r
 
 # %% ../nbs/01_data.ipynb #f5363c85

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .cli import export_main
 from .core import SkinkdError, atomic_write
-from .data import normalize
+from .data import load_image, normalize, prepare_image
 from .models import load_model, unwrap
 
 # %% auto #0
@@ -88,8 +87,7 @@ def example_input(size: int = 256, image: str | Path | None = None) -> torch.Ten
         img = F.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(size, size), mode='bicubic').clamp(0, 1)[0]
     else:
         if not Path(image).is_file(): raise SkinkdError(f'image {image} not found; pass an existing --image or leave it out')
-        from PIL import Image
-        img = torchvision.transforms.functional.pil_to_tensor(Image.open(image).convert('RGB').resize((size, size))) / 255
+        img = torch.from_numpy(prepare_image(load_image(image), size, mirror_pad=False)).permute(2, 0, 1) / 255  # DataError names a broken file
     return normalize(img)[None]
 
 # %% ../nbs/03a_export.ipynb #53a1778e
@@ -130,6 +128,8 @@ def export_checkpoint(weights: str | Path, fmt: str, out: str | Path, size: int 
 
 def export_command(args: argparse.Namespace):
     "What `skinkd_export` does: export, check against eager PyTorch, fail when the difference exceeds `--tol`."
+    if args.size < 16: raise SkinkdError(f'--size is {args.size}; the check input needs at least 16 pixels a side (default 256)')
+    if args.tol < 0: raise SkinkdError(f'--tol is {args.tol}; it must be >= 0')
     diff = export_checkpoint(args.weights, args.format, args.out, args.size, args.image)
     print(f"wrote {args.out} ({args.format}); max abs diff vs eager PyTorch on {args.image or 'a pseudo-image'} ({args.size}x{args.size}): {diff:.2e}")
     if diff > args.tol: raise SkinkdError(f'exported model differs from eager PyTorch by {diff:.2e} > --tol {args.tol:g}')

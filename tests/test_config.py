@@ -185,3 +185,18 @@ def test_recipe_differences_name_every_student_key():
     assert recipe_differences(base, load_config(overrides=['train.epochs=8', 'train.teacher.epochs=30', 'data.num_workers=0'])) == []
     diff = recipe_differences(base, load_config(overrides=['train.epochs=8', 'student.backbone=resnet34', 'data.image_size=128']))
     assert diff == ["data.image_size (256 vs 128)", "student.backbone ('resnet18' vs 'resnet34')"]
+
+
+@pytest.mark.parametrize('content, message', [
+    ('train:\n  note: caf\xe9\n'.encode('latin-1'), 'is not UTF-8 text (byte 0xe9'),
+    (('a: &a [x, x, x, x, x, x, x, x, x]\n' + ''.join(f'{c}: &{c} [{", ".join([f"*{p}"] * 9)}]\n'
+                                                      for p, c in zip('abcdefgh', 'bcdefghi'))).encode(), 'expands to more than 100,000 values'),
+    (b'a: &a [*a]\n', 'refers to itself'),
+])
+def test_hostile_yaml_gets_one_short_line(tmp_path, content, message):
+    "A non-UTF-8 file, a 1.4 KB 'billion laughs' alias bomb and a recursive alias: one line each, in a real process."
+    (tmp_path / 'c.yaml').write_bytes(content)
+    r = subprocess.run(['skinkd_distill', '--mode', 'raw', '--config', str(tmp_path / 'c.yaml'), '--out', str(tmp_path / 'r')],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and message in r.stderr and 'Traceback' not in r.stderr
+    assert len(r.stderr) < 500 and not (tmp_path / 'r').exists()  # the bomb once produced a 580 MB message

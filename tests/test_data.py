@@ -449,3 +449,15 @@ def test_a_palette_mask_is_read_through_its_palette(tmp_path):
     report = check_data(root)
     assert report.ok and any('palette mask read through its palette' in n for n in report.notes['b'])
     assert (load_pair(report.samples[0])[1] == shown).all()
+
+
+def test_two_images_with_the_same_stem_are_named(tmp_path):
+    "a.jpg and a.png would share the id 'a' (and its mask): check_data names both files."
+    from PIL import Image
+    root = _generic(tmp_path / 'same')
+    im, m = synth_image(np.random.default_rng(0), 20, 20)
+    for ext in ('jpg', 'png'): Image.fromarray(im).save(root / 'images' / f'a.{ext}')
+    Image.fromarray(m.astype(np.uint8) * 255).save(root / 'masks' / 'a_mask.png')
+    report = check_data(root)
+    assert not report.ok and "share the id 'a'" in report.problems['a'][0]
+    assert 'a.jpg' in report.problems['a'][0] and 'a.png' in report.problems['a'][0]

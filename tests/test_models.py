@@ -440,3 +440,12 @@ def test_a_registered_encoder_is_built_by_name():
     finally: ENCODERS.unregister('tiny_cnn')
     with pytest.raises(SkinkdError, match="unknown encoder 'tiny_cnn'"):
         build_model(ModelConfig('tiny_cnn'))
+
+
+@pytest.mark.parametrize('extra, message', [(['--size', '0'], '--size is 0'), (['--image', 'BROKEN'], 'cannot decode image')])
+def test_export_argument_errors_are_one_line(tmp_path, student_ckpt, extra, message):
+    (tmp_path / 'broken.jpg').write_bytes(b'not a jpeg')
+    extra = [str(tmp_path / 'broken.jpg') if a == 'BROKEN' else a for a in extra]
+    r = subprocess.run(['skinkd_export', '--weights', str(student_ckpt[0]), '--format', 'onnx', '--out', str(tmp_path / 'm.onnx'), *extra],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and message in r.stderr and 'Traceback' not in r.stderr and not (tmp_path / 'm.onnx').exists()
