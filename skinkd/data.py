@@ -724,9 +724,10 @@ class DataBundle:
     unlabeled: list[Sample] = field(default_factory=list)  # training images without masks (data.labeled_fraction, distill.unlabeled)
 
 def prepare_root(cfg: Config) -> Path:
-    "The data root, generating the synthetic set there first when asked for and missing."
+    "The data root, generating the synthetic set there first when asked for and missing (or generated with other settings)."
     root, d = Path(cfg.data.root), cfg.data
-    if not root.exists() and d.synthetic_n > 0: make_synthetic(root, d.synthetic_n, d.image_size, d.synthetic_seed)
+    if d.synthetic_n > 0 and (not root.exists() or (root / 'synthetic.json').is_file()):  # a no-op when it holds exactly this set
+        make_synthetic(root, d.synthetic_n, d.image_size, d.synthetic_seed)
     if not root.exists():
         raise DataError(f'data folder {root} not found; set data.root, set data.synthetic_n > 0, or run skinkd_synth --out {root}')
     return root

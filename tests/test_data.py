@@ -461,3 +461,13 @@ def test_two_images_with_the_same_stem_are_named(tmp_path):
     report = check_data(root)
     assert not report.ok and "share the id 'a'" in report.problems['a'][0]
     assert 'a.jpg' in report.problems['a'][0] and 'a.png' in report.problems['a'][0]
+
+
+def test_a_synthetic_folder_made_with_other_settings_is_regenerated(tmp_path):
+    "A demo whose config asks for 12 synthetic images must not silently train on the 10 an older config generated."
+    from skinkd.data import prepare_root
+    cfg = lambda n: load_config(overrides=[f'data.root={tmp_path / "syn"}', f'data.synthetic_n={n}', 'data.image_size=32'])
+    prepare_root(cfg(10)); assert len(discover(tmp_path / 'syn')) == 10
+    prepare_root(cfg(12)); assert len(discover(tmp_path / 'syn')) == 12
+    mine = tmp_path / 'mine'; (mine / 'images').mkdir(parents=True)  # a user's own folder is never touched
+    prepare_root(load_config(overrides=[f'data.root={mine}', 'data.synthetic_n=12'])); assert list(mine.iterdir()) == [mine / 'images']
