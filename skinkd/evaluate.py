@@ -378,7 +378,7 @@ def report_markdown(ev: Evaluation, title: str = 'Evaluation report', notes: str
               if ev.paired else '### Distilled vs raw student\n\n_needs a distilled and a raw checkpoint (extra.mode)_')
     verdict = '\n'.join(f'**{line}**' if i == 0 else line for i, line in enumerate(ev.verdict.lines())) if ev.verdict else ''
     parts = [f'# {title}', verdict, notes, f'## Results ({n} images)\n\nMean ± standard deviation over images; failure rate: '
-             f'Jaccard < {JACCARD_THRESHOLD}. HD95 in pixels at the original resolution, undefined (left out) for empty masks.',
+             f'Jaccard < {JACCARD_THRESHOLD}. HD95 in pixels at the original resolution; a missed or invented lesion scores the image diagonal (HD95 misses: how many).',
              results_table(ev.results), '\n'.join(f'- **{r.name}**: `{r.path}` ({r.role}, {r.backbone})' for r in ev.results),
              '### Student / teacher', ratio_table(ev.results), paired,
              '## Per-image scores\n\n![box plots](boxplots.png)',

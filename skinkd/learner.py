@@ -247,6 +247,7 @@ class Learner:
             for name, text in (records or {}).items(): atomic_write(self.run_dir / name, lambda f, t=text: f.write(t.encode()))
             if self.mode == 'teacher' and (over := teacher_overrides(self.cfg.train)):
                 tqdm.write(f"teacher recipe: {', '.join(f'{k} {v}' for k, v in over.items())} (train.teacher); the rest as train")
+        self.fit_started, self.fit_first_epoch = time.time(), self.epoch  # for the ETA: wall clock, checkpoints included
         while self.epoch < self.tc.epochs and not self.stopped:
             start = time.time()
             train = self.train_epoch()
@@ -298,6 +299,13 @@ def average_gradients(module: nn.Module):
 
 # %% ../nbs/06_learner.ipynb #1ac5d6f2
 @patch
+def seconds_per_epoch(self: Learner) -> float:
+    "Wall-clock seconds per epoch so far in this session, checkpoints and logs included (for the ETA)."
+    done = self.epoch - getattr(self, 'fit_first_epoch', self.epoch)
+    if done > 0: return (time.time() - self.fit_started) / done
+    return sum(r['seconds'] for r in self.history) / max(1, len(self.history))
+
+@patch
 def end_epoch(self: Learner, train: dict, val: dict, seconds: float):
     "Log the epoch, track the best Dice, and write checkpoints and logs."
     row = {'epoch': self.epoch, **train, **{f'val_{k}': float(v) for k, v in val.items()},
@@ -311,7 +319,7 @@ def end_epoch(self: Learner, train: dict, val: dict, seconds: float):
     write_history(self.history, self.run_dir / 'metrics.csv')
     save_figure(history_figure(self.history, self.title, self.cfg.distill.terms if self.mode == 'distill' else ()),
                 self.run_dir / 'training_curves.png')
-    left = (self.tc.epochs - self.epoch) * sum(r['seconds'] for r in self.history) / len(self.history)
+    left = (self.tc.epochs - self.epoch) * self.seconds_per_epoch()
     tqdm.write(f"{self.mode} epoch {self.epoch}/{self.tc.epochs}: loss {row.get('train_loss', float('nan')):.4f} "
                f"val dice {val['dice']:.4f} jaccard {val['jaccard']:.4f} ({seconds:.1f}s" + (f', ETA {duration_text(left)})' if left else ')'))
 

@@ -224,6 +224,8 @@ def test_smoke_pipeline_through_papermill(tmp_path):
         assert alarm.lower() not in console.lower(), f'{alarm!r} in the console of a successful run:\n{console}'
     assert 'hint_decoder' not in console.split('== 08_distill-distill')[0]  # raw mode shows no KD terms
     assert 'teacher epoch 2/2' in console and 'raw epoch 2/2' in console  # the cells' own lines are echoed live
+    assert f"== 07_train_teacher (stage 2 of 5): nbs/07_train_teacher.ipynb -> {out / 'teacher'}" in console  # where each stage runs
+    assert next(l for l in console.splitlines() if l.startswith('teacher epoch 1/2')).endswith(' s)') and 'ETA' in console
     assert p.stdout.splitlines()[-1].startswith('viewer: open nbs/10_viewer.ipynb') and 'finished in ' in p.stdout
     summary = json.loads((out / 'summary.json').read_text())
     assert {'teacher_val_dice', 'raw_val_dice', 'distill_val_dice', 'wall_seconds'} <= set(summary)
