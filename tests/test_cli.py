@@ -86,3 +86,12 @@ def test_no_module_imports_a_later_chapter():
                      [a.name.split('.')[1] for a in node.names if a.name.startswith('skinkd.')] if isinstance(node, ast.Import) else [])
             late += [f'{mod} ({nb}) imports {n} ({chapter[n]}) at line {node.lineno}' for n in names if n in chapter and chapter[n] > nb]
     assert late == []
+
+
+def test_chapters_papermill_may_run_do_not_rewrite_the_library():
+    "A chapter with a parameters cell can run under papermill, which ignores nbdev flags: it must not call nbdev_export."
+    import json
+    for nb in sorted((Path(__file__).resolve().parents[1] / 'nbs').glob('*.ipynb')):
+        cells = json.loads(nb.read_text())['cells']
+        if any('parameters' in c.get('metadata', {}).get('tags', []) for c in cells):
+            assert not any('nbdev_export(' in ''.join(c['source']) for c in cells if c['cell_type'] == 'code'), nb.name
