@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 # %% auto #0
 __all__ = ['LAYOUTS', 'KD_TERMS', 'ENCODERS', 'SkinkdError', 'DataError', 'cli_main', 'scratch_dir', 'atomic_write',
-           'unique_names', 'UnknownEntry', 'did_you_mean', 'Registry', 'OneOf']
+           'remove_stale_temps', 'unique_names', 'UnknownEntry', 'did_you_mean', 'Registry', 'OneOf']
 
 # %% ../nbs/00_core.ipynb #1d46c2c4
 class SkinkdError(Exception):
@@ -59,6 +59,13 @@ def atomic_write(path: str | Path, # the file to (re)write
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
     return path
+
+# %% ../nbs/00_core.ipynb #2f9b52d4
+def remove_stale_temps(*paths: str | Path) -> list[Path]:
+    "Delete the temporary files that an interrupted `atomic_write` of `paths` left behind; return what was removed."
+    stale = [t for p in map(Path, paths) for t in p.parent.glob(f'.{p.name}.*.tmp') if t.is_file()]
+    for t in stale: t.unlink(missing_ok=True)
+    return stale
 
 # %% ../nbs/00_core.ipynb #c240d971
 def unique_names(names: list[str]) -> list[str]:

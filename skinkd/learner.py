@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .config import (Config, DistillConfig, DistillTerm, ModelConfig, SkinkdError, TrainConfig, atomic_write, from_dict, recipe_source, save_config,
                            stage_recipe, teacher_overrides)
+from .core import remove_stale_temps
 from .metrics import MetricAccumulator
 from .data import preprocessing
 from .losses import term_names
@@ -35,7 +36,7 @@ from .models import is_resumable, load_checkpoint, prepare_for_training, save_ch
 __all__ = ['RUN_TITLES', 'set_seed', 'rng_state', 'set_rng_state', 'init_distributed', 'is_main', 'default_device', 'lr_factor',
            'build_optimizer', 'build_scheduler', 'SegTask', 'to_device', 'autocast', 'validate', 'set_loader_epoch',
            'progress_enabled', 'duration_text', 'write_history', 'save_figure', 'term_contributions', 'history_figure',
-           'Learner', 'average_gradients', 'resume_conflicts', 'train_model']
+           'Learner', 'average_gradients', 'resume_conflicts', 'best_matches', 'train_model']
 
 # %% ../nbs/06_learner.ipynb #83236a14
 def set_seed(seed: int, deterministic: bool = False):
@@ -243,6 +244,7 @@ class Learner:
             raise SkinkdError(f'{self.run_dir} already holds a run (checkpoints/last.pt); continue it with '
                               '--set train.resume=true, or choose another --out')
         if is_main():
+            remove_stale_temps(*(self.run_dir / 'checkpoints' / n for n in ('last.pt', 'best.pt')))  # left by a kill mid-write
             save_config(self.cfg, self.run_dir / 'config.yaml')
             for name, text in (records or {}).items(): atomic_write(self.run_dir / name, lambda f, t=text: f.write(t.encode()))
             if self.mode == 'teacher' and (over := teacher_overrides(self.cfg.train)):
@@ -372,6 +374,25 @@ def resume(self: Learner):
     self.epoch, self.best, self.bad_epochs, self.history = ck['epoch'], extra['best'], extra['bad_epochs'], extra['history']
     set_rng_state(extra['rng'])
     if is_main(): tqdm.write(f'resumed {self.mode} from {path} after epoch {self.epoch}')
+    self.reconcile_best()
+
+@patch
+def reconcile_best(self: Learner):
+    "After a resume: if best.pt is missing or is not the recorded best (a kill while it was written), rewrite it from the restored weights."
+    best = self.run_dir / 'checkpoints' / 'best.pt'
+    stale = bool(self.history) and not best_matches(best, self.best)
+    if dist.is_initialized(): dist.barrier()  # every process has read best.pt before rank 0 rewrites it
+    if not stale: return
+    val = {k.removeprefix('val_'): v for k, v in self.history[-1].items() if k.startswith('val_')}
+    self.best = float(val['dice'])  # the best weights that still exist; a better epoch replaces them as usual
+    if is_main():
+        self.save_best(val)
+        tqdm.write(f'{best} was missing or not the recorded best; rewritten from epoch {self.epoch} (val Dice {self.best:.4f})')
+
+def best_matches(path: Path, best: float) -> bool:
+    "Whether `path` is a readable checkpoint whose validation Dice is the recorded `best`."
+    try: return math.isclose(float(load_checkpoint(path)['metrics'].get('dice', math.nan)), best, abs_tol=1e-9)
+    except (SkinkdError, OSError): return False
 
 # %% ../nbs/06_learner.ipynb #ef2a6060
 def train_model(cfg: Config, # the resolved config

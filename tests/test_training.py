@@ -325,3 +325,20 @@ def test_training_commands_use_configs_config_yaml_of_the_working_folder(tmp_pat
     p = run(['skinkd_distill', '--mode', 'raw', '--out', 'raw'], check=False, cwd=empty)
     assert p.stdout.splitlines()[0].startswith('config: the built-in defaults (no --config')
     assert p.returncode == 1 and 'data folder' in p.stderr and 'Traceback' not in p.stderr  # the defaults' data/synthetic is not there
+
+
+def test_a_resumed_run_always_ends_with_a_best_checkpoint(data_args, tmp_path):
+    "What a kill -9 while best.pt is written leaves (no best.pt, its temporary file): the resumed run rewrites best.pt and cleans up."
+    out = tmp_path / 'run'
+    args = ['skinkd_distill', '--mode', 'raw', *data_args, '--set', 'data.num_workers=0', '--out', str(out)]
+    run([*args, '--set', 'train.epochs=2'])
+    ck = out / 'checkpoints'
+    recorded = load_checkpoint(ck / 'best.pt')['metrics']['dice']
+    (ck / 'best.pt').unlink(); (ck / '.best.pt.k1ll3d.tmp').write_bytes(b'half a checkpoint')
+    p = run([*args, '--set', 'train.epochs=3', '--set', 'train.resume=true', '--set', 'train.lr=1e-9'])  # epoch 3 cannot beat the record
+    assert 'was missing or not the recorded best; rewritten from epoch 2' in p.stdout + p.stderr
+    assert (ck / 'best.pt').is_file() and not list(ck.glob('.*.tmp'))
+    best = load_checkpoint(ck / 'best.pt')
+    assert best['epoch'] in (2, 3) and best['metrics']['dice'] <= recorded + 1e-9
+    p = run(['skinkd_distill', '--mode', 'test', *data_args, '--out', str(out)])  # and --mode test finds it
+    assert p.returncode == 0
