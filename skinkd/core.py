@@ -11,13 +11,15 @@ import importlib
 import multiprocessing.util
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
 # %% auto #0
-__all__ = ['LAYOUTS', 'KD_TERMS', 'ENCODERS', 'SkinkdError', 'DataError', 'cli_main', 'scratch_dir', 'atomic_write',
+__all__ = ['LAYOUTS', 'KD_TERMS', 'ENCODERS', 'SkinkdError', 'DataError', 'Stopped', 'cli_main', 'scratch_dir', 'atomic_write',
            'remove_stale_temps', 'unique_names', 'UnknownEntry', 'did_you_mean', 'Registry', 'OneOf']
 
 # %% ../nbs/00_core.ipynb #1d46c2c4
@@ -29,14 +31,31 @@ class DataError(SkinkdError, ValueError):
     "A data folder, file or split that cannot be used as it is."
 
 # %% ../nbs/00_core.ipynb #67ab0b16
+class Stopped(KeyboardInterrupt):
+    "A SIGTERM, raised where the program is, so that a command stops the way Ctrl-C stops it."
+
+def _raise_stopped(signum, frame): raise Stopped(signum)
+
+def _stopped_line(prog: str, signum: int) -> str:
+    return (f'{prog}: stopped by {signal.Signals(signum).name}; to continue a training run from its last finished epoch, '
+            'run the same command with --set train.resume=true')
+
 def cli_main(fn):
-    "Decorate a CLI entry point: a `SkinkdError` prints one line and exits with status 1."
+    "Decorate a CLI entry point: a `SkinkdError` prints one line and exits 1; SIGINT/SIGTERM print one line and exit 128+signal."
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        prog, main = Path(sys.argv[0]).name, threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_stopped) if main else None
         try: return fn(*args, **kwargs)
         except SkinkdError as e:
-            print(f'{Path(sys.argv[0]).name}: error: {e}', file=sys.stderr)
+            print(f'{prog}: error: {e}', file=sys.stderr)
             sys.exit(1)
+        except KeyboardInterrupt as e:
+            signum = signal.SIGTERM if isinstance(e, Stopped) else signal.SIGINT
+            print(_stopped_line(prog, signum), file=sys.stderr)
+            sys.exit(128 + signum)
+        finally:
+            if previous is not None: signal.signal(signal.SIGTERM, previous)
     return wrapper
 
 # %% ../nbs/00_core.ipynb #2e13a8e6

@@ -133,6 +133,8 @@ def run_pipeline(config: str | Path, out: str | Path, overrides: list[str] = (),
     start, nbs, out = time.time(), notebooks_dir(), Path(out).resolve()
     if (out / 'notebooks').exists():
         raise SkinkdError(f'{out} already holds a pipeline run; choose another --out (or delete it to start over)')
+    if out.is_dir() and any(out.iterdir()):  # checked before anything is written: a refused folder is never touched
+        raise SkinkdError(f'{out} is not empty; the pipeline writes a new run folder: choose another --out')
     config = Path(config).resolve()
     cfg = notebook_config(str(config), overrides, str(out), 'smoke' if smoke else 'full', str(Path.cwd()))
     plan = [(s, stage_params(s, config, overrides, smoke)) for s in stages(out, cfg)]

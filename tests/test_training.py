@@ -342,3 +342,30 @@ def test_a_resumed_run_always_ends_with_a_best_checkpoint(data_args, tmp_path):
     assert best['epoch'] in (2, 3) and best['metrics']['dice'] <= recorded + 1e-9
     p = run(['skinkd_distill', '--mode', 'test', *data_args, '--out', str(out)])  # and --mode test finds it
     assert p.returncode == 0
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_stop_training_in_one_line_and_the_run_resumes(data_args, tmp_path, sig):
+    "A real signal to a real training process: exit 128+signal, one line saying how to continue, no traceback; resume works."
+    out = tmp_path / 'run'
+    args = ['skinkd_distill', '--mode', 'raw', *data_args, '--set', 'data.num_workers=0', '--out', str(out)]
+    p = subprocess.Popen([*args, '--set', 'train.epochs=40'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    for line in p.stdout:
+        if line.startswith('raw epoch 1/40'): break
+    time.sleep(0.5); p.send_signal(sig)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 128 + sig, (p.returncode, stderr)
+    assert 'Traceback' not in stderr and f'stopped by {signal.Signals(sig).name}' in stderr and '--set train.resume=true' in stderr
+    assert len([l for l in stderr.splitlines() if l.strip()]) == 1
+    done = load_checkpoint(out / 'checkpoints' / 'last.pt')['epoch']
+    assert done >= 1
+    run([*args, '--set', f'train.epochs={done + 1}', '--set', 'train.resume=true'])
+    assert load_checkpoint(out / 'checkpoints' / 'last.pt')['epoch'] == done + 1
+
+
+def test_the_pipeline_never_touches_a_folder_it_refuses(tmp_path):
+    "An existing folder with the user's own config.yaml: refused in one line, the file byte for byte as it was."
+    out = tmp_path / 'mine'; out.mkdir(); (out / 'config.yaml').write_text('# my notes\n')
+    p = run(['skinkd_pipeline', '--config', str(REPO / 'configs' / 'demo.yaml'), '--out', str(out), '--smoke'], check=False, cwd=tmp_path)
+    assert p.returncode == 1 and 'is not empty' in p.stderr and 'Traceback' not in p.stderr
+    assert (out / 'config.yaml').read_text() == '# my notes\n' and sorted(out.iterdir()) == [out / 'config.yaml']
