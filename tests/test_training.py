@@ -349,7 +349,8 @@ def test_ctrl_c_and_sigterm_stop_training_in_one_line_and_the_run_resumes(data_a
     "A real signal to a real training process: exit 128+signal, one line saying how to continue, no traceback; resume works."
     out = tmp_path / 'run'
     args = ['skinkd_distill', '--mode', 'raw', *data_args, '--set', 'data.num_workers=0', '--out', str(out)]
-    p = subprocess.Popen([*args, '--set', 'train.epochs=40'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    p = subprocess.Popen([*args, '--set', 'train.epochs=40'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background shell (CI) ignores SIGINT for its children
     for line in p.stdout:
         if line.startswith('raw epoch 1/40'): break
     time.sleep(0.5); p.send_signal(sig)
