@@ -6,21 +6,27 @@
 from __future__ import annotations
 
 import difflib
+import errno
 import functools
 import importlib
+import io
 import multiprocessing.util
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
+from contextlib import contextmanager
 import threading
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 # %% auto #0
-__all__ = ['LAYOUTS', 'KD_TERMS', 'ENCODERS', 'SkinkdError', 'DataError', 'Stopped', 'cli_main', 'scratch_dir', 'atomic_write',
-           'remove_stale_temps', 'unique_names', 'UnknownEntry', 'did_you_mean', 'Registry', 'OneOf']
+__all__ = ['FS_FIXES', 'LAYOUTS', 'KD_TERMS', 'ENCODERS', 'SkinkdError', 'DataError', 'Stopped', 'cli_main', 'scratch_dir',
+           'fs_fault_line', 'disk_error', 'check_free_space', 'atomic_write', 'remove_stale_temps', 'temp_sibling',
+           'remove_dead_temps', 'staged_files', 'unique_names', 'UnknownEntry', 'did_you_mean', 'Registry', 'OneOf']
 
 # %% ../nbs/00_core.ipynb #1d46c2c4
 class SkinkdError(Exception):
@@ -41,13 +47,14 @@ def _stopped_line(prog: str, signum: int) -> str:
             'run the same command with --set train.resume=true')
 
 def cli_main(fn):
-    "Decorate a CLI entry point: a `SkinkdError` prints one line and exits 1; SIGINT/SIGTERM print one line and exit 128+signal."
+    "Decorate a CLI entry point: a `SkinkdError` or a file-system fault prints one line and exits 1; SIGINT/SIGTERM exit 128+signal."
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         prog, main = Path(sys.argv[0]).name, threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _raise_stopped) if main else None
         try: return fn(*args, **kwargs)
-        except SkinkdError as e:
+        except (SkinkdError, OSError) as e:
+            if not isinstance(e, SkinkdError) and (e := fs_fault_line(e)) is None: raise
             print(f'{prog}: error: {e}', file=sys.stderr)
             sys.exit(1)
         except KeyboardInterrupt as e:
@@ -65,18 +72,64 @@ def scratch_dir(prefix: str = 'skinkd-') -> Path:
     multiprocessing.util.Finalize(None, shutil.rmtree, args=(str(path), True), exitpriority=0)
     return path
 
+# %% ../nbs/00_core.ipynb #d2ebfe9d
+FS_FIXES = {errno.ENOSPC: 'no space left on the device: free space there, or choose a folder on another disk',
+            errno.EDQUOT: 'the disk quota is used up: free space there, or choose another folder',
+            errno.EROFS: 'the file system is read-only: choose a folder on a writable disk',
+            errno.EACCES: 'permission denied: choose a folder you may write to, or change its permissions',
+            errno.EPERM: 'operation not permitted: choose a folder you may write to, or change its permissions',
+            errno.ENOENT: 'no such file or folder: check the path',
+            errno.ENOTDIR: 'a part of the path is a file, not a folder: check the path',
+            errno.EISDIR: 'a folder stands where a file should be written: choose another name'}
+
+def fs_fault_line(e: OSError) -> str | None:
+    "One line for a file-system fault: the path, what happened and the fix; None for any other error."
+    fix = FS_FIXES.get(getattr(e, 'errno', None))
+    if fix is None: return None
+    said = f' ({e.strerror})' if e.strerror and e.strerror != os.strerror(e.errno) else ''  # skinkd's own detail, e.g. the sizes
+    return f'{e.filename}: {fix}{said}' if e.filename else f'{fix} ({e.strerror})'
+
+def disk_error(e: OSError, path: str | Path) -> OSError:
+    "A file-system fault `e` naming `path`, the file or folder the user chose (not skinkd's temporary name); other errors as they are."
+    if e.errno not in FS_FIXES: return e
+    return type(e)(e.errno, e.strerror, str(path))
+
+def check_free_space(folder: str | Path, # where the bytes will be written (an existing ancestor is measured)
+                     need: int, # bytes about to be written
+                     what: str, # what is written, for the message
+                    ):
+    "Raise ENOSPC naming `folder` before writing `need` bytes that do not fit (plus a 1% and 1 MiB margin)."
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent: folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if need + need // 100 + 2**20 > free:
+        raise OSError(errno.ENOSPC, f'{what} needs {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free', str(folder))
+
 # %% ../nbs/00_core.ipynb #8a90f4d4
+class _WatchedFile:
+    "A binary file that keeps the `OSError` of a failed write: torch and numpy turn it into errors of their own."
+    def __init__(self, f): self.f, self.error = f, None
+    def write(self, b):
+        try: return self.f.write(b)
+        except OSError as e: self.error = e; raise
+    def __getattr__(self, name): return getattr(self.f, name)
+
 def atomic_write(path: str | Path, # the file to (re)write
                  write, # called with a binary file object that receives the content
                 ) -> Path:
     "Write `path` through a temporary file beside it, fsync and rename: readers never see a half-written file."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try: fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    except OSError as e: raise disk_error(e, path.parent) from None
+    f = None
     try:
-        with os.fdopen(fd, 'wb') as f: write(f); f.flush(); os.fsync(f.fileno())
+        with os.fdopen(fd, 'wb') as raw: f = _WatchedFile(raw); write(f); raw.flush(); os.fsync(raw.fileno())
         os.chmod(tmp, 0o644); os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        cause = f.error if f is not None and f.error is not None else e  # the disk's fault under torch's or numpy's error
+        if isinstance(cause, OSError) and cause.errno in FS_FIXES: raise disk_error(cause, path) from e
+        raise
     return path
 
 # %% ../nbs/00_core.ipynb #2f9b52d4
@@ -85,6 +138,45 @@ def remove_stale_temps(*paths: str | Path) -> list[Path]:
     stale = [t for p in map(Path, paths) for t in p.parent.glob(f'.{p.name}.*.tmp') if t.is_file()]
     for t in stale: t.unlink(missing_ok=True)
     return stale
+
+# %% ../nbs/00_core.ipynb #9ab7edc7
+def temp_sibling(path: str | Path) -> Path:
+    "A temporary name beside `path` that says who writes it: `.<name>.tmp-<host>-<pid>-<random>`."
+    path = Path(path)
+    return path.with_name(f'.{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}')
+
+def _alive(pid: int) -> bool:
+    "Whether process `pid` exists on this host."
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: pass  # another user's process
+    return True
+
+def remove_dead_temps(path: str | Path) -> list[Path]:
+    "Remove the `temp_sibling`s of `path` whose writer, a process of this host, has died; return them."
+    path, host = Path(path), socket.gethostname()
+    dead = []
+    for t in path.parent.glob(f'.{path.name}.tmp-*'):
+        who = t.name[len(f'.{path.name}.tmp-'):].rsplit('-', 2)
+        if len(who) == 3 and who[0] == host and who[1].isdigit() and not _alive(int(who[1])): dead.append(t)
+    for t in dead: shutil.rmtree(t, ignore_errors=True) if t.is_dir() else t.unlink(missing_ok=True)
+    return dead
+
+# %% ../nbs/00_core.ipynb #c94587e0
+@contextmanager
+def staged_files(out: str | Path):
+    "A staging folder whose files move into `out` together when the block succeeds; on failure nothing of it stays."
+    out = Path(out); created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = temp_sibling(out / 'staged'); stage.mkdir()
+    try:
+        yield stage
+        for f in sorted(stage.iterdir()): os.replace(f, out / f.name)
+    except BaseException as e:
+        if created: shutil.rmtree(out, ignore_errors=True)
+        if isinstance(e, OSError): raise disk_error(e, out) from None
+        raise
+    finally: shutil.rmtree(stage, ignore_errors=True)
 
 # %% ../nbs/00_core.ipynb #c240d971
 def unique_names(names: list[str]) -> list[str]:

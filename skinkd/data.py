@@ -16,6 +16,7 @@ import shutil
 import sys
 import uuid
 import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,18 +34,19 @@ from torchvision.transforms import v2
 
 from .cli import check_data_main
 from .config import AugmentConfig, Config, LAYOUTS, atomic_write
-from .core import DataError
+from .core import DataError, check_free_space, disk_error, remove_dead_temps, temp_sibling
 from .synthetic import ISIC2018_DIRS, make_synthetic
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'ISIC_PARTS', 'SPLITS', 'EXIF_ORIENTATION', 'CACHE_VERSION', 'check_data_cli',
-           'IMAGENET_MEAN', 'IMAGENET_STD', 'Sample', 'Layout', 'layout', 'detect_layout', 'scan', 'discover',
-           'read_groups', 'read_split_file', 'split_samples', 'split_labeled', 'binarize_mask', 'load_image',
-           'load_pair', 'DataReport', 'report_summary', 'default_workers', 'check_data', 'check_data_command',
-           'usable_samples', 'image_samples', 'check_images', 'mirror_pad_to_square', 'prepare_image', 'prepare_pair',
-           'restore_original', 'cache_key', 'SegCache', 'build_cache', 'normalize', 'denormalize', 'build_transforms',
-           'preprocessing', 'SegDataset', 'item_seed', 'EpochSampler', 'seed_worker', 'build_loader', 'MixedLoader',
-           'mixed_loader', 'DataBundle', 'prepare_root', 'get_data', 'labels_csv']
+           'SAMPLED_ABOVE', 'CACHE_FORMAT', 'IMAGENET_MEAN', 'IMAGENET_STD', 'Sample', 'Layout', 'layout',
+           'detect_layout', 'scan', 'discover', 'read_groups', 'read_split_file', 'split_samples', 'split_labeled',
+           'binarize_mask', 'load_image', 'load_pair', 'DataReport', 'report_summary', 'default_workers', 'check_data',
+           'check_data_command', 'usable_samples', 'image_samples', 'check_images', 'mirror_pad_to_square',
+           'prepare_image', 'prepare_pair', 'restore_original', 'file_checksum', 'write_manifest', 'verify_cache',
+           'cache_key', 'SegCache', 'build_cache', 'normalize', 'denormalize', 'build_transforms', 'preprocessing',
+           'SegDataset', 'item_seed', 'EpochSampler', 'seed_worker', 'build_loader', 'MixedLoader', 'mixed_loader',
+           'DataBundle', 'prepare_root', 'get_data', 'labels_csv']
 
 # %% ../nbs/01_data.ipynb #52f57b6a
 class Sample(NamedTuple):
@@ -282,7 +284,8 @@ def binarize_mask(a: np.ndarray) -> np.ndarray:
     return a >= (128 if a.max() > 1 else 1)
 
 EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how a camera's stored pixels must be turned to be seen upright
-CACHE_VERSION = 2  # how files are decoded, in the check and cache keys; 2: upright (EXIF) images, palette masks through the palette
+CACHE_VERSION = 3  # how files are decoded and judged, in the check and cache keys; 2: upright (EXIF) images, palette masks
+                   # through the palette; 3: an empty mask is usable (a lesion-free image)
 
 def _open(path: Path, what: str) -> Image.Image:
     "Open and decode an image file upright (EXIF orientation applied), raising `DataError` naming it when it cannot be decoded."
@@ -305,9 +308,17 @@ def load_pair(s: Sample) -> tuple[np.ndarray, np.ndarray]:
     return img, binarize_mask(_mask_array(_open(s.mask, 'mask'))[0])
 
 # %% ../nbs/01_data.ipynb #ebc185d1
+def _is_utf8(name: str) -> bool:
+    "Whether a file name decoded from the file system is valid UTF-8 (undecodable bytes become surrogates)."
+    try: name.encode('utf-8'); return True
+    except UnicodeEncodeError: return False
+
 def _check_sample(s: Sample, needs_mask: bool = True) -> dict:
     "Check one pair (or, without `needs_mask`, one image): problems (unusable), notes (converted), image hash and size."
     out = dict(problems=[], notes=[], digest=hashlib.sha1(s.image.read_bytes()).hexdigest(), hw=None)
+    if (odd := [p for p in (s.image, s.mask) if p is not None and not _is_utf8(p.name)]):
+        out['problems'].append(f'file name {ascii(str(odd[0]))} is not valid UTF-8; rename the file (ids are written into CSV and JSON reports)')
+        return out
     try: im = _open(s.image, 'image'); img, note = _to_rgb(im)
     except DataError as e: out['problems'].append(str(e)); return out
     out['hw'] = list(img.shape[:2]); out['notes'] += [f'{s.image}: {n}' for n in (im.info.get('upright'), note) if n]
@@ -321,7 +332,7 @@ def _check_sample(s: Sample, needs_mask: bool = True) -> dict:
     vals = np.unique(m)
     if not (set(vals.tolist()) <= {0, 255} or set(vals.tolist()) <= {0, 1}):
         out['problems'].append(f'mask {s.mask} has {len(vals)} values ({", ".join(map(str, vals[:5]))}...), not 0/255 or 0/1; save it as a binary PNG (JPEG masks get such values)')
-    elif vals.max() == 0: out['problems'].append(f'mask {s.mask} is empty (no lesion pixels); fix it or remove the pair')
+    elif vals.max() == 0: out['lesion_free'] = True  # legitimate data: the metrics score an empty truth
     return out
 
 @dataclass
@@ -334,6 +345,7 @@ class DataReport:
     notes: dict[str, list[str]] = field(default_factory=dict)     # id -> what was converted
     orphan_masks: list[Path] = field(default_factory=list)
     duplicates: list[list[str]] = field(default_factory=list)     # ids with identical image files
+    lesion_free: list[str] = field(default_factory=list)          # ids whose mask is empty (usable, counted)
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (H, W)
 
     @property
@@ -358,6 +370,7 @@ def report_summary(r: DataReport) -> str:
     out = [f'{r.root}: {r.layout} layout, {len(r.samples)} images, {n_masks} masks']
     out += _lines('unusable', r.bad_lines()) + _lines('converted', [m for v in r.notes.values() for m in v])
     out += _lines('exact duplicates (kept on one side of every split)', [', '.join(g) for g in r.duplicates])
+    if r.lesion_free: out.append(f'lesion-free images (empty masks, usable): {len(r.lesion_free)}')
     out.append(f'OK: all {len(r.samples)} pairs usable' if r.ok else f'FAIL: {r.n_bad} unusable (of {len(r.samples)} images)')
     return '\n'.join(out)
 
@@ -368,10 +381,19 @@ def _fingerprint(s: Sample) -> str:
     st = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) if p is not None else None for p in (s.image, s.mask)]
     return hashlib.sha1(json.dumps(st).encode()).hexdigest()
 
+def _read_memo(path: Path | None) -> dict:
+    "The checks remembered in `path`: {} when there are none, or (said in one line) when the file is unreadable."
+    if path is None or not path.is_file(): return {}
+    try: memo = json.loads(path.read_bytes())
+    except ValueError: memo = None
+    if isinstance(memo, dict): return memo
+    print(f'{path} is unreadable (damaged); checking the files again', file=sys.stderr)
+    return {}
+
 def _checks(samples: list[Sample], cache_dir: str | Path | None, needs_mask: bool = True) -> list[dict]:
     "Check every sample (in threads), reusing results remembered in `cache_dir`."
     path = Path(cache_dir) / 'checks.json' if cache_dir is not None else None
-    memo = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    memo = _read_memo(path)
     keys = [f'v{CACHE_VERSION}:' + _fingerprint(s) + ('' if needs_mask else ':image') for s in samples]
     todo = [(k, s) for k, s in zip(keys, samples) if k not in memo]
     with ThreadPoolExecutor(default_workers()) as ex:
@@ -402,6 +424,7 @@ def check_data(root: str | Path, # dataset folder
     for s, c in zip(samples, _checks(samples, cache_dir)):
         if c['problems']: r.problems[s.id] = c['problems']
         if c['notes']: r.notes[s.id] = c['notes']
+        if c.get('lesion_free'): r.lesion_free.append(s.id)
         if c['hw']: r.sizes[s.id] = tuple(c['hw'])
         by_digest.setdefault(c['digest'], []).append(s.id)
     r.duplicates = [g for g in by_digest.values() if len(g) > 1]
@@ -489,10 +512,43 @@ def restore_original(prob: torch.Tensor, # (C,S,S) probabilities or logits at th
     up = F.interpolate(prob[None].float(), size=(p, p), mode='bilinear', align_corners=False)[0]
     return up[:, top:top + h, left:left + w]
 
+# %% ../nbs/01_data.ipynb #77de0b72
+SAMPLED_ABOVE = 1 << 20  # files larger than this are checksummed on sampled blocks
+
+def file_checksum(path: Path, blocks: int = 64, block: int = 4096) -> str:
+    "CRC32 of a file: whole when small, else of `blocks` evenly spaced blocks (the first and last included)."
+    size = path.stat().st_size
+    with open(path, 'rb') as f:
+        if size <= SAMPLED_ABOVE: return f'{zlib.crc32(f.read()):08x}'
+        crc = 0
+        for k in range(blocks):
+            f.seek((size - block) * k // (blocks - 1)); crc = zlib.crc32(f.read(block), crc)
+    return f'{crc:08x}'
+
+def write_manifest(folder: Path) -> Path:
+    "Record the size and checksum of every file in `folder` in its manifest.json (the last file a cache build writes)."
+    files = {p.name: [p.stat().st_size, file_checksum(p)] for p in sorted(folder.iterdir()) if p.is_file() and p.name != 'manifest.json'}
+    (folder / 'manifest.json').write_text(json.dumps(files))
+    return folder / 'manifest.json'
+
+def verify_cache(folder: Path) -> str | None:
+    "What is wrong with the cache `folder` (a file missing, resized or changed), or None when it is as built."
+    try: files = json.loads((folder / 'manifest.json').read_text())
+    except FileNotFoundError: return 'manifest.json is missing: an interrupted build or an older skinkd'
+    except ValueError: return 'manifest.json is not valid JSON'
+    for name, (size, crc) in files.items():
+        p = folder / name
+        if not p.is_file(): return f'{name} is missing'
+        if p.stat().st_size != size: return f'{name} has {p.stat().st_size} bytes, {size} when built'
+        if file_checksum(p) != crc: return f'{name} changed since it was built (checksum)'
+    return None
+
 # %% ../nbs/01_data.ipynb #fe7b5490
+CACHE_FORMAT = 3  # the layout of a cache folder, in its key; 3: manifest.json of sizes and checksums
+
 def cache_key(samples: list[Sample], size: int, mirror_pad: bool, mask_resize: str) -> str:
     "A hash of every file (path, size, mtime) and option that determines the cache content."
-    spec = [CACHE_VERSION, size, mirror_pad, mask_resize, [(s.id, _fingerprint(s)) for s in samples]]
+    spec = [CACHE_VERSION, CACHE_FORMAT, size, mirror_pad, mask_resize, [(s.id, _fingerprint(s)) for s in samples]]
     return hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:20]
 
 class SegCache:
@@ -530,12 +586,24 @@ def _decode_prepared(s: Sample, size: int, mirror_pad: bool, mask_resize: str):
     si, sm = prepare_pair(img, m, size, mirror_pad, mask_resize)
     return si, sm, m.shape, np.packbits(m.ravel())
 
+def _array_bytes(n: int, size: int, has_masks: bool) -> int:
+    "Bytes of a cache's image and mask arrays: known before decoding (the original masks are written, not mapped)."
+    return n * size * size * (4 if has_masks else 3) + 256
+
+def _reserve(path: Path) -> Path:
+    "Allocate every block of a new memory-mapped file now: a full disk raises ENOSPC here, not SIGBUS at a later write."
+    fd = os.open(path, os.O_RDWR)
+    try: os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    finally: os.close(fd)
+    return path
+
 def _write_cache(tmp: Path, samples: list[Sample], size: int, mirror_pad: bool, mask_resize: str):
     "Fill a cache folder `tmp` (decoding in threads); samples without masks give an images-only cache."
     n, has_masks = len(samples), all(s.mask is not None for s in samples)
     tmp.mkdir(parents=True)
-    images = np.lib.format.open_memmap(tmp / 'images.npy', 'w+', np.uint8, (n, size, size, 3))
+    images = np.lib.format.open_memmap(tmp / 'images.npy', 'w+', np.uint8, (n, size, size, 3)); _reserve(tmp / 'images.npy')
     masks = np.lib.format.open_memmap(tmp / 'masks.npy', 'w+', np.uint8, (n, size, size)) if has_masks else None
+    if has_masks: _reserve(tmp / 'masks.npy')
     hw, offsets = np.zeros((n, 2), np.int64), np.zeros(n + 1, np.int64)
     job = partial(_decode_prepared, size=size, mirror_pad=mirror_pad, mask_resize=mask_resize)
     with open(tmp / 'orig_masks.bin', 'wb') as f, ThreadPoolExecutor(default_workers()) as ex:
@@ -548,6 +616,7 @@ def _write_cache(tmp: Path, samples: list[Sample], size: int, mirror_pad: bool, 
     np.save(tmp / 'orig_hw.npy', hw); np.save(tmp / 'orig_offsets.npy', offsets)
     meta = dict(ids=[s.id for s in samples], size=size, mirror_pad=mirror_pad, mask_resize=mask_resize, has_masks=has_masks)
     (tmp / 'meta.json').write_text(json.dumps(meta))
+    write_manifest(tmp)
 
 def build_cache(samples: list[Sample], # usable samples (see `check_data`)
                 cache_dir: str | Path, # folder holding the caches
@@ -555,13 +624,19 @@ def build_cache(samples: list[Sample], # usable samples (see `check_data`)
                 mirror_pad: bool = True, # reflection-pad to square (else squash)
                 mask_resize: str = 'nearest', # 'nearest' or 'area' (+ threshold at 0.5)
                ) -> SegCache:
-    "The cache of `samples`, built (atomically) unless a valid one exists."
+    "The cache of `samples`, built (atomically) unless an intact one exists; a damaged one is named and rebuilt."
     path = Path(cache_dir) / cache_key(samples, size, mirror_pad, mask_resize)
-    if (path / 'meta.json').is_file(): return SegCache(path)
-    tmp = path.with_name(f'.{path.name}.tmp-{uuid.uuid4().hex[:8]}')
+    if path.is_dir():
+        if (damage := verify_cache(path)) is None: return SegCache(path)
+        print(f'cache {path} is damaged ({damage}); rebuilding it', file=sys.stderr)
+    remove_dead_temps(path)
+    check_free_space(path.parent, _array_bytes(len(samples), size, all(s.mask is not None for s in samples)),
+                     f'the cache of {len(samples)} images at {size} px (data.cache_dir)')
+    tmp = temp_sibling(path)
     try:
-        _write_cache(tmp, samples, size, mirror_pad, mask_resize)
-        if (path / 'meta.json').is_file(): shutil.rmtree(tmp)  # another process finished first
+        try: _write_cache(tmp, samples, size, mirror_pad, mask_resize)
+        except OSError as e: raise disk_error(e, path.parent) from None
+        if verify_cache(path) is None: shutil.rmtree(tmp)  # another process finished first
         else: shutil.rmtree(path, ignore_errors=True); os.replace(tmp, path)
     finally: shutil.rmtree(tmp, ignore_errors=True)
     return SegCache(path)

@@ -23,6 +23,7 @@ from scipy import stats
 from .cli import evaluate_main
 from .config import (Config, EvalConfig, SkinkdError, atomic_write, config_from_args, flat_config, from_dict, parse_override,
                            read_yaml, save_config, unique_names, with_default_config)
+from .core import staged_files
 from .data import build_cache, check_data, get_data, prepare_root, usable_samples
 from .data import normalize as imagenet_normalize  # `normalize` is a flag here
 from .learner import default_device, save_figure
@@ -335,6 +336,7 @@ class Evaluation:
     paired: dict | None
     files: dict[str, Path]
     verdict: Verdict | None = None
+    lesion_free: int = 0  # images whose ground truth has no lesion (scored: an empty prediction is a perfect one)
 
     def result(self, name: str) -> ModelResult:
         "The result of model `name`."
@@ -377,7 +379,8 @@ def report_markdown(ev: Evaluation, title: str = 'Evaluation report', notes: str
               f'lower is better, so a negative difference favours the distilled student.\n\n{paired_table(ev.paired)}'
               if ev.paired else '### Distilled vs raw student\n\n_needs a distilled and a raw checkpoint (extra.mode)_')
     verdict = '\n'.join(f'**{line}**' if i == 0 else line for i, line in enumerate(ev.verdict.lines())) if ev.verdict else ''
-    parts = [f'# {title}', verdict, notes, f'## Results ({n} images)\n\nMean ± standard deviation over images; failure rate: '
+    free = f', {ev.lesion_free} of them lesion-free' if ev.lesion_free else ''
+    parts = [f'# {title}', verdict, notes, f'## Results ({n} images{free})\n\nMean ± standard deviation over images; failure rate: '
              f'Jaccard < {JACCARD_THRESHOLD}. HD95 in pixels at the original resolution; a missed or invented lesion scores the image diagonal (HD95 misses: how many).',
              results_table(ev.results), '\n'.join(f'- **{r.name}**: `{r.path}` ({r.role}, {r.backbone})' for r in ev.results),
              '### Student / teacher', ratio_table(ev.results), paired,
@@ -402,7 +405,6 @@ def evaluate_checkpoints(paths: list, # checkpoint files
     if not paths: raise EvaluationError('no checkpoints to evaluate; pass one or more --weights files')
     if len(cache) == 0: raise EvaluationError(f'the evaluation split in {cache.path} has no images; check the data split')
     out, idx = Path(out), list(range(len(cache)))
-    out.mkdir(parents=True, exist_ok=True)
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     e = eval_settings(e, **overrides)
     results = [evaluate_checkpoint(p, cache, idx, e, None, normalize, latency_runs, device) for p in paths]
@@ -411,7 +413,8 @@ def evaluate_checkpoints(paths: list, # checkpoint files
     images, truth = np.asarray(cache.images), np.asarray(cache.masks)
     files = dict(report=out/'report.md', metrics=out/'metrics.json', per_image=out/'per_image.csv', boxplots=out/'boxplots.png',
                  gallery=out/'worst_cases.png', predictions=out/'predictions.npz')
-    ev = Evaluation(results, ids, paired_comparison(pair[0].per_image, pair[1].per_image) if pair else None, files, pair_verdict(results))
+    ev = Evaluation(results, ids, paired_comparison(pair[0].per_image, pair[1].per_image) if pair else None, files, pair_verdict(results),
+                    int((truth.reshape(len(truth), -1).max(axis=1) == 0).sum()))
     _write_outputs(ev, images, truth, pair[0] if pair else results[-1], gallery_k, notes)
     return ev
 
@@ -432,15 +435,16 @@ def metrics_record(results: list[ModelResult], paired: dict | None = None, verdi
     return {'models': models, 'paired_distilled_vs_raw': paired, 'verdict': verdict_dict(verdict)}
 
 def _write_outputs(ev: Evaluation, images, truth, focus: ModelResult, gallery_k: int, notes: str):
-    "Write every file of `ev.files`."
-    f, res = ev.files, ev.results
-    write_per_image_csv(f['per_image'], ev.ids, res)
-    write_json(f['metrics'], metrics_record(res, ev.paired, ev.verdict))
-    box_plots(res, f['boxplots'])
-    save_figure(worst_cases_figure(images, truth, res, focus, ev.ids, gallery_k)[0], f['gallery'])
-    save_predictions(f['predictions'], ev.ids, images, truth, {r.name: r.masks for r in res}, viewer_metrics(res))
-    text = report_markdown(ev, notes=notes)
-    atomic_write(f['report'], lambda fh: fh.write(text.encode()))
+    "Write every file of `ev.files`, all or none (`staged_files`: a full disk leaves the folder as it was)."
+    res, text = ev.results, report_markdown(ev, notes=notes)
+    with staged_files(ev.files['report'].parent) as stage:
+        f = {k: stage / p.name for k, p in ev.files.items()}
+        write_per_image_csv(f['per_image'], ev.ids, res)
+        write_json(f['metrics'], metrics_record(res, ev.paired, ev.verdict))
+        box_plots(res, f['boxplots'])
+        save_figure(worst_cases_figure(images, truth, res, focus, ev.ids, gallery_k)[0], f['gallery'])
+        save_predictions(f['predictions'], ev.ids, images, truth, {r.name: r.masks for r in res}, viewer_metrics(res))
+        atomic_write(f['report'], lambda fh: fh.write(text.encode()))
 
 # %% ../nbs/09_evaluate.ipynb #1213a2bf
 PREPROCESSING_KEYS = {'image_size': 'data.image_size', 'mirror_pad': 'augment.mirror_pad',

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .cli import synth_main
-from .core import DataError
+from .core import DataError, disk_error, remove_dead_temps, temp_sibling
 
 # %% auto #0
 __all__ = ['SKIN_TONES', 'LESION_COLOURS', 'ISIC2018_DIRS', 'synth_cli', 'smooth_noise', 'synth_image', 'make_synthetic',
@@ -210,13 +210,16 @@ def make_synthetic(root: str | Path, # output folder (ISIC 2018 layout)
     if marker.is_file() and json.loads(marker.read_text()) == spec: return root
     if root.exists() and any(root.iterdir()) and not marker.is_file():
         raise DataError(f'{root} exists and is not a skinkd synthetic folder; choose an empty or new --out folder')
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.with_name(f'.{root.name}.tmp-{uuid.uuid4().hex[:8]}')
-    for d in ISIC2018_DIRS.values():
-        (tmp / f'ISIC2018_Task1-2_{d}_Input').mkdir(parents=True); (tmp / f'ISIC2018_Task1_{d}_GroundTruth').mkdir(parents=True)
-    _write_synth(tmp, n, size, seed)
-    (tmp / 'synthetic.json').write_text(json.dumps(spec))
-    _replace_dir(tmp, root)
+    root.parent.mkdir(parents=True, exist_ok=True); remove_dead_temps(root)
+    tmp = temp_sibling(root)
+    try:
+        for d in ISIC2018_DIRS.values():
+            (tmp / f'ISIC2018_Task1-2_{d}_Input').mkdir(parents=True); (tmp / f'ISIC2018_Task1_{d}_GroundTruth').mkdir(parents=True)
+        _write_synth(tmp, n, size, seed)
+        (tmp / 'synthetic.json').write_text(json.dumps(spec))
+        _replace_dir(tmp, root)
+    except OSError as e: raise disk_error(e, root) from None
+    finally: shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 # %% ../nbs/00c_synthetic.ipynb #c8bb1440

@@ -152,8 +152,9 @@ def _bad_case(root: Path, case: str):
         im.save(img / 'x.png'); m.resize((16, 12), Image.NEAREST).save(msk / 'x.png')
     elif case == 'non_binary_mask':
         im.save(img / 'x.png'); Image.fromarray((np.asarray(m) // 2).astype(np.uint8) + 5).save(msk / 'x.png')
-    elif case == 'empty_mask':
-        im.save(img / 'x.png'); Image.new('L', m.size).save(msk / 'x.png')
+    elif case == 'non_utf8_name':  # bytes that are not UTF-8, as a Latin-1 system writes 'é'
+        im.save(img / 'x.png'); m.save(msk / 'x.png'); os.rename(bytes(img / 'x.png'), bytes(img) + b'/x\xe9.png')
+        os.rename(bytes(msk / 'x.png'), bytes(msk) + b'/x\xe9.png'); return 'x\udce9'
     elif case == 'image_without_mask':
         im.save(img / 'x.png')
     elif case == 'mask_without_image':
@@ -163,7 +164,7 @@ def _bad_case(root: Path, case: str):
 
 BAD = {'undecodable_image': 'cannot decode image', 'undecodable_mask': 'cannot decode mask',
        'size_mismatch': 'is 32x24 but mask', 'non_binary_mask': 'not 0/255 or 0/1; save it as a binary PNG',
-       'empty_mask': 'is empty (no lesion pixels)', 'image_without_mask': 'has no mask; add its mask',
+       'non_utf8_name': 'is not valid UTF-8; rename the file', 'image_without_mask': 'has no mask; add its mask',
        'mask_without_image': 'has no image; add the image'}
 
 
