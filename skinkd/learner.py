@@ -137,7 +137,8 @@ def validate(model: nn.Module, loader, device: torch.device, threshold: float = 
 
 # %% ../nbs/06_learner.ipynb #118c0130
 def set_loader_epoch(loader, epoch: int):
-    "Tell the loader's sampler which epoch this is, when it cares."
+    "Tell the loader (a `MixedLoader` tells both of its own) or its sampler which epoch this is, when it cares."
+    if hasattr(loader, 'set_epoch'): return loader.set_epoch(epoch)
     for s in (getattr(loader, 'sampler', None), getattr(getattr(loader, 'batch_sampler', None), 'sampler', None)):
         if hasattr(s, 'set_epoch'): s.set_epoch(epoch)
 
