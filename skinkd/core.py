@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 # %% auto #0
-__all__ = ['FS_FIXES', 'LAYOUTS', 'KD_TERMS', 'ENCODERS', 'SkinkdError', 'DataError', 'Stopped', 'cli_main', 'scratch_dir',
-           'fs_fault_line', 'disk_error', 'check_free_space', 'atomic_write', 'remove_stale_temps', 'temp_sibling',
-           'remove_dead_temps', 'staged_files', 'unique_names', 'UnknownEntry', 'did_you_mean', 'Registry', 'OneOf']
+__all__ = ['FS_FIXES', 'LAYOUTS', 'KD_TERMS', 'ENCODERS', 'SkinkdError', 'DataError', 'Stopped', 'cli_main', 'DeferredStop',
+           'scratch_dir', 'fs_fault_line', 'disk_error', 'check_free_space', 'atomic_write', 'remove_stale_temps',
+           'temp_sibling', 'remove_dead_temps', 'staged_files', 'unique_names', 'UnknownEntry', 'did_you_mean',
+           'Registry', 'OneOf']
 
 # %% ../nbs/00_core.ipynb #1d46c2c4
 class SkinkdError(Exception):
@@ -38,11 +39,12 @@ class DataError(SkinkdError, ValueError):
 
 # %% ../nbs/00_core.ipynb #67ab0b16
 class Stopped(KeyboardInterrupt):
-    "A SIGTERM, raised where the program is, so that a command stops the way Ctrl-C stops it."
+    "A stop by a signal: Stopped(signum) for a SIGTERM raised where the program is; Stopped(signum, saved) after training saved."
 
 def _raise_stopped(signum, frame): raise Stopped(signum)
 
-def _stopped_line(prog: str, signum: int) -> str:
+def _stopped_line(prog: str, signum: int, saved: str | None = None) -> str:
+    if saved: return f'{prog}: stopped by {signal.Signals(signum).name}; {saved}; to continue, run the same command with --set train.resume=true'
     return (f'{prog}: stopped by {signal.Signals(signum).name}; to continue a training run from its last finished epoch, '
             'run the same command with --set train.resume=true')
 
@@ -58,12 +60,26 @@ def cli_main(fn):
             print(f'{prog}: error: {e}', file=sys.stderr)
             sys.exit(1)
         except KeyboardInterrupt as e:
-            signum = signal.SIGTERM if isinstance(e, Stopped) else signal.SIGINT
-            print(_stopped_line(prog, signum), file=sys.stderr)
+            signum, saved = (tuple(e.args) + (None,))[:2] if isinstance(e, Stopped) else (signal.SIGINT, None)
+            print(_stopped_line(prog, signum, saved), file=sys.stderr)
             sys.exit(128 + signum)
         finally:
             if previous is not None: signal.signal(signal.SIGTERM, previous)
     return wrapper
+
+# %% ../nbs/00_core.ipynb #57530f78
+class DeferredStop:
+    "Within the block, record the first SIGINT/SIGTERM in `signum` instead of stopping; a second one acts as before."
+    def __init__(self): self.signum, self._previous = 0, {}
+    def _record(self, signum, frame):
+        self.signum = signum
+        for s, h in self._previous.items(): signal.signal(s, h)
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._record) for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN}
+        return self
+    def __exit__(self, *exc):
+        for s, h in self._previous.items(): signal.signal(s, h)
 
 # %% ../nbs/00_core.ipynb #2e13a8e6
 def scratch_dir(prefix: str = 'skinkd-') -> Path:

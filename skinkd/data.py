@@ -13,6 +13,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import uuid
 import warnings
@@ -718,19 +719,21 @@ class EpochSampler(Sampler):
                  pad: bool = True, # repeat items so every process gets as many (training); False: disjoint shards (scoring)
                  length: int | None = None, # items per epoch and process, drawn from whole permutations in turn (None: n / world)
                 ):
-        self.n, self.shuffle, self.seed, self.pad, self.length, self.epoch = n, shuffle, seed, pad, length, 0
+        self.n, self.shuffle, self.seed, self.pad, self.length, self.epoch, self.start = n, shuffle, seed, pad, length, 0, 0
         ddp = dist.is_available() and dist.is_initialized()
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    def set_epoch(self, epoch: int): self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0):
+        "Draw the order of `epoch`, from its item `start` on (a run resumed mid-epoch skips what it has trained on)."
+        self.epoch, self.start = epoch, start
     def __len__(self) -> int:
         if self.length is not None: return self.length
         return math.ceil(self.n / self.world) if self.pad else len(range(self.rank, self.n, self.world))
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        if self.length is not None: return iter(self._stream(g))
+        if self.length is not None: return iter(self._stream(g)[self.start:])
         order = (torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)).tolist()
         if self.pad: order = (order * self.world)[:math.ceil(self.n / self.world) * self.world]
-        return iter([(i, item_seed(self.seed, self.epoch, i)) for i in order[self.rank::self.world]])
+        return iter([(i, item_seed(self.seed, self.epoch, i)) for i in order[self.rank::self.world]][self.start:])
 
     def _stream(self, g: torch.Generator) -> list[tuple[int, int]]:
         "`length` items for this process from permutations drawn one after another; a seed per position."
@@ -740,9 +743,10 @@ class EpochSampler(Sampler):
 
 # %% ../nbs/01_data.ipynb #6de92361
 def seed_worker(worker_id: int):
-    "Seed numpy and random in a DataLoader worker from its torch seed."
+    "Seed numpy and random in a DataLoader worker from its torch seed; leave SIGINT and SIGTERM to the main process."
     s = torch.initial_seed() % 2 ** 32
     np.random.seed(s); random.seed(s)
+    for sig in (signal.SIGINT, signal.SIGTERM): signal.signal(sig, signal.SIG_IGN)  # Ctrl-C and schedulers signal the whole group
 
 def build_loader(dataset: Dataset, # e.g. a `SegDataset`
                  batch_size: int, # items per batch (per process)
@@ -766,9 +770,9 @@ class MixedLoader:
                 ):
         self.masked, self.unlabeled = masked, unlabeled
     def __len__(self) -> int: return len(self.masked)
-    def set_epoch(self, epoch: int):
-        "Set the epoch of both samplers, so order and augmentation depend only on (seed, epoch)."
-        for dl in (self.masked, self.unlabeled): dl.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0):
+        "Set the epoch of both samplers, so order and augmentation depend only on (seed, epoch), from batch `start_batch` on."
+        for dl in (self.masked, self.unlabeled): dl.sampler.set_epoch(epoch, start_batch * dl.batch_size)
     def __iter__(self):
         for batch, extra in zip(self.masked, self.unlabeled):
             yield {**batch, 'unlabeled': extra['image'], 'unlabeled_index': extra['index']}

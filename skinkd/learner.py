@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import io
 import math
 import os
@@ -26,9 +27,9 @@ from tqdm.auto import tqdm
 
 from .config import (Config, DistillConfig, DistillTerm, ModelConfig, SkinkdError, TrainConfig, atomic_write, from_dict, recipe_source, save_config,
                            stage_recipe, teacher_overrides)
-from .core import remove_stale_temps
+from .core import DeferredStop, Stopped, remove_stale_temps
 from .metrics import MetricAccumulator
-from .data import preprocessing
+from .data import EpochSampler, preprocessing
 from .losses import term_names
 from .models import is_resumable, load_checkpoint, prepare_for_training, save_checkpoint, unwrap
 
@@ -136,11 +137,13 @@ def validate(model: nn.Module, loader, device: torch.device, threshold: float = 
     return acc.compute()
 
 # %% ../nbs/06_learner.ipynb #118c0130
-def set_loader_epoch(loader, epoch: int):
-    "Tell the loader (a `MixedLoader` tells both of its own) or its sampler which epoch this is, when it cares."
-    if hasattr(loader, 'set_epoch'): return loader.set_epoch(epoch)
+def set_loader_epoch(loader, epoch: int, start_batch: int = 0) -> bool:
+    "Tell the loader (a `MixedLoader` tells both of its own) or its sampler the epoch; True if it will start at `start_batch`."
+    if hasattr(loader, 'set_epoch'): loader.set_epoch(epoch, start_batch); return True
     for s in (getattr(loader, 'sampler', None), getattr(getattr(loader, 'batch_sampler', None), 'sampler', None)):
+        if isinstance(s, EpochSampler): s.set_epoch(epoch, start_batch * loader.batch_size); return True
         if hasattr(s, 'set_epoch'): s.set_epoch(epoch)
+    return start_batch == 0  # else the caller skips the first batches itself
 
 def progress_enabled() -> bool:
     "Progress bars are on unless SKINKD_PROGRESS=0."
@@ -211,6 +214,7 @@ class Learner:
         self.sched = build_scheduler(self.opt, self.tc, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.tc.amp == 'fp16' and self.device.type == 'cuda')
         self.epoch, self.history, self.best, self.bad_epochs = 0, [], -1.0, 0
+        self.resume_at, self.stop = None, None  # (batch, loss sums) of a run stopped mid-epoch; the DeferredStop of fit
         if self.batches_per_epoch == 0:
             key = recipe_source(cfg.train, 'batch_size', mode)
             raise SkinkdError(f'the training split has fewer images per process than {key} ({self.tc.batch_size}); '
@@ -251,32 +255,46 @@ class Learner:
             if self.mode == 'teacher' and (over := teacher_overrides(self.cfg.train)):
                 tqdm.write(f"teacher recipe: {', '.join(f'{k} {v}' for k, v in over.items())} (train.teacher); the rest as train")
         self.fit_started, self.fit_first_epoch = time.time(), self.epoch  # for the ETA: wall clock, checkpoints included
-        while self.epoch < self.tc.epochs and not self.stopped:
-            start = time.time()
-            train = self.train_epoch()
-            val = validate(unwrap(self.model), self.loaders['val'], self.device, self.cfg.eval.threshold, self.tc.channels_last, self.tc.amp)
-            self.epoch += 1
-            self.end_epoch(train, val, time.time() - start)
+        with DeferredStop() as self.stop:  # SIGINT/SIGTERM: finish the step, save, stop (train_epoch)
+            while self.epoch < self.tc.epochs and not self.stopped:
+                start = time.time()
+                train = self.train_epoch()
+                val = validate(unwrap(self.model), self.loaders['val'], self.device, self.cfg.eval.threshold, self.tc.channels_last, self.tc.amp)
+                self.epoch += 1
+                self.end_epoch(train, val, time.time() - start)
+                if self.epoch < self.tc.epochs and not self.stopped and self.stop_requested():
+                    raise Stopped(self.stop.signum, f'epoch {self.epoch} finished and saved in {self.run_dir / "checkpoints" / "last.pt"}')
         return self.history[-1] if self.history else {}
 
 # %% ../nbs/06_learner.ipynb #20bad1b0
 @patch
 def train_epoch(self: Learner) -> dict:
-    "One pass over the training loader; mean losses by name."
-    self.model.train(); set_loader_epoch(self.loaders['train'], self.epoch)
-    n, sums = self.batches_per_epoch, {}
-    bar = tqdm(self.loaders['train'], total=n, desc=f'{self.mode} epoch {self.epoch + 1}/{self.tc.epochs}',
+    "One pass over the training loader (the rest of it, in a run resumed mid-epoch); mean losses by name."
+    start, sums = self.resume_at or (0, {}); self.resume_at = None
+    self.model.train(); loader = self.loaders['train']
+    if not set_loader_epoch(loader, self.epoch, start): loader = itertools.islice(loader, start, None)
+    n, acc = self.batches_per_epoch, self.tc.accumulate
+    bar = tqdm(loader, total=n, initial=start, desc=f'{self.mode} epoch {self.epoch + 1}/{self.tc.epochs}',
                disable=not is_main() or not progress_enabled(), leave=False)
-    acc = self.tc.accumulate
-    for i, batch in enumerate(bar):
+    for i, batch in enumerate(bar, start):
         if i == n: break
-        group = min(acc, n - i // acc * acc)  # the last group of an epoch may be smaller
-        logs = self.train_step(to_device(batch, self.device, self.tc.channels_last), last=(i + 1) % acc == 0 or i + 1 == n, group=group)
+        group, last = min(acc, n - i // acc * acc), (i + 1) % acc == 0 or i + 1 == n  # the last group of an epoch may be smaller
+        logs = self.train_step(to_device(batch, self.device, self.tc.channels_last), last=last, group=group)
         for k, v in logs.items(): sums[k] = sums.get(k, 0) + v
         if i % 10 == 0: bar.set_postfix(loss=f"{float(logs['loss']):.3f}")
+        if last and i + 1 < n and self.stop_requested(): self.stop_mid_epoch(i + 1, sums)
     means = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in sums.values()]) / n
     if dist.is_initialized(): dist.all_reduce(means); means /= dist.get_world_size()
     return {f'train_{k}': float(v) for k, v in zip(sums, means)}
+
+@patch
+def stop_requested(self: Learner) -> bool:
+    "Whether a SIGINT/SIGTERM arrived during `fit`; under torch.distributed, in any process (all then stop at the same step)."
+    signum = self.stop.signum if self.stop is not None else 0
+    if dist.is_initialized():
+        t = torch.tensor([signum], device=self.device); dist.all_reduce(t, op=dist.ReduceOp.MAX); signum = int(t)
+        if self.stop is not None: self.stop.signum = signum
+    return signum != 0
 
 @patch
 def train_step(self: Learner, batch: dict, last: bool, group: int = 1) -> dict:
@@ -327,11 +345,13 @@ def end_epoch(self: Learner, train: dict, val: dict, seconds: float):
                f"val dice {val['dice']:.4f} jaccard {val['jaccard']:.4f} ({seconds:.1f}s" + (f', ETA {duration_text(left)})' if left else ')'))
 
 @patch
-def save(self: Learner, name: str, metrics: dict) -> Path:
+def save(self: Learner, name: str, metrics: dict,
+         position: dict | None = None, # mid-epoch: {'batch': batches done in epoch `self.epoch + 1`, 'sums': their loss sums}
+        ) -> Path:
     "Write a resumable checkpoint into the run folder's `checkpoints/`."
     extra = dict(mode=self.mode, rng=rng_state(), best=self.best, bad_epochs=self.bad_epochs, history=self.history,
                  extra_modules=self.extra.state_dict() if self.extra is not None else None, config=asdict(self.cfg),
-                 world_size=dist.get_world_size() if dist.is_initialized() else 1)
+                 world_size=dist.get_world_size() if dist.is_initialized() else 1, position=position)
     return save_checkpoint(self.run_dir / 'checkpoints' / name, unwrap(self.model), self.model_cfg, self.role,
                            epoch=self.epoch, optimizer=self.opt, scheduler=self.sched, scaler=self.scaler,
                            metrics={k: float(v) for k, v in metrics.items()}, extra=extra)
@@ -374,7 +394,9 @@ def resume(self: Learner):
     if self.extra is not None: self.extra.load_state_dict(extra['extra_modules'])
     self.epoch, self.best, self.bad_epochs, self.history = ck['epoch'], extra['best'], extra['bad_epochs'], extra['history']
     set_rng_state(extra['rng'])
-    if is_main(): tqdm.write(f'resumed {self.mode} from {path} after epoch {self.epoch}')
+    if (pos := extra.get('position')): self.resume_at = (pos['batch'], dict(pos['sums']))
+    where = f"at batch {pos['batch']} of epoch {self.epoch + 1}" if pos else f'after epoch {self.epoch}'
+    if is_main(): tqdm.write(f'resumed {self.mode} from {path} {where}')
     self.reconcile_best()
 
 @patch
@@ -394,6 +416,19 @@ def best_matches(path: Path, best: float) -> bool:
     "Whether `path` is a readable checkpoint whose validation Dice is the recorded `best`."
     try: return math.isclose(float(load_checkpoint(path)['metrics'].get('dice', math.nan)), best, abs_tol=1e-9)
     except (SkinkdError, OSError): return False
+
+# %% ../nbs/06_learner.ipynb #a687be53
+@patch
+def stop_mid_epoch(self: Learner, done: int, # batches of epoch `self.epoch + 1` trained on
+                   sums: dict, # their loss sums, for the epoch's means
+                  ):
+    "Save a checkpoint that resumes at batch `done` of this epoch, then raise `Stopped` saying so."
+    path = self.run_dir / 'checkpoints' / 'last.pt'
+    if is_main():
+        val = {k.removeprefix('val_'): v for k, v in self.history[-1].items() if k.startswith('val_')} if self.history else {}
+        self.save('last.pt', val, position={'batch': done, 'sums': {k: float(v) for k, v in sums.items()}})
+    if dist.is_initialized(): dist.barrier()
+    raise Stopped(self.stop.signum, f'saved at batch {done} of {self.batches_per_epoch} of epoch {self.epoch + 1} in {path}')
 
 # %% ../nbs/06_learner.ipynb #ef2a6060
 def train_model(cfg: Config, # the resolved config

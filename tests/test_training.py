@@ -370,3 +370,29 @@ def test_the_pipeline_never_touches_a_folder_it_refuses(tmp_path):
     p = run(['skinkd_pipeline', '--config', str(REPO / 'configs' / 'demo.yaml'), '--out', str(out), '--smoke'], check=False, cwd=tmp_path)
     assert p.returncode == 1 and 'is not empty' in p.stderr and 'Traceback' not in p.stderr
     assert (out / 'config.yaml').read_text() == '# my notes\n' and sorted(out.iterdir()) == [out / 'config.yaml']
+
+
+def test_sigterm_to_the_whole_job_saves_mid_epoch_and_the_resumed_run_is_exact(data_args, tmp_path):
+    """A scheduler's SIGTERM to every process of the job (main and DataLoader worker) inside epoch 2: saved after the step,
+    resumed at the next batch, and the same weights and logs as an uninterrupted run."""
+    base = ['skinkd_distill', '--mode', 'raw', *data_args, '--set', 'train.deterministic=true', '--set', 'train.epochs=3',
+            '--set', 'data.num_workers=1', '--set', 'train.batch_size=2', '--set', 'data.image_size=96']
+    run([*base, '--out', str(tmp_path / 'straight')])
+    out = tmp_path / 'stopped'
+    p = subprocess.Popen([*base, '--out', str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                         start_new_session=True)  # its own process group, as a batch job's
+    for line in p.stdout:
+        if line.startswith('raw epoch 1/3'): break
+    time.sleep(0.3); os.killpg(p.pid, signal.SIGTERM)  # the worker too, as schedulers do
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, stderr
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and 'stopped by SIGTERM; saved at batch ' in lines[0] and ' of epoch 2 in ' in lines[0], stderr
+    ck = load_checkpoint(out / 'checkpoints' / 'last.pt')
+    assert ck['epoch'] == 1 and ck['extra']['position']['batch'] > 0
+    resumed = run([*base, '--out', str(out), '--set', 'train.resume=true'])
+    assert f"at batch {ck['extra']['position']['batch']} of epoch 2" in resumed.stdout + resumed.stderr
+    a, b = weights(tmp_path / 'straight' / 'checkpoints' / 'last.pt'), weights(out / 'checkpoints' / 'last.pt')
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = lambda d: [r.split(',')[:2] for r in (d / 'metrics.csv').read_text().splitlines()]  # epoch, train loss
+    assert rows(out) == rows(tmp_path / 'straight')
