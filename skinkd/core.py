@@ -115,9 +115,9 @@ def check_free_space(folder: str | Path, # where the bytes will be written (an e
                      what: str, # what is written, for the message
                     ):
     "Raise ENOSPC naming `folder` before writing `need` bytes that do not fit (plus a 1% and 1 MiB margin)."
-    folder = Path(folder).absolute()
-    while not folder.exists() and folder != folder.parent: folder = folder.parent
-    free = shutil.disk_usage(folder).free
+    folder = probe = Path(folder).absolute()
+    while not probe.exists() and probe != probe.parent: probe = probe.parent  # the disk it will be on
+    free = shutil.disk_usage(probe).free
     if need + need // 100 + 2**20 > free:
         raise OSError(errno.ENOSPC, f'{what} needs {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free', str(folder))
 

@@ -19,14 +19,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import __version__
 from .config import ConfigError, ModelConfig, SkinkdError, atomic_write, from_dict
-from .core import ENCODERS
+from .core import ENCODERS, check_free_space
 
 # %% auto #0
 __all__ = ['IMAGENET_WEIGHTS', 'CHECKPOINT_KEYS', 'RESUME_KEYS', 'OPTIONAL_KEYS', 'ROLES', 'dilate_stage', 'Encoder', 'encoder',
            'stage_rates', 'ResNetBackbone', 'PretrainedError', 'imagenet_state_dict', 'state_mismatch',
            'read_state_dict', 'load_backbone_weights', 'aspp_rates', 'AtrousConv2d', 'conv_bn_relu', 'ImagePooling',
            'ASPP', 'Decoder', 'DeepLabV3Plus', 'build_model', 'MobileNetV3Encoder', 'count_params', 'count_macs',
-           'CheckpointError', 'to_loadable', 'atomic_save', 'unwrap', 'save_checkpoint', 'is_resumable',
+           'CheckpointError', 'to_loadable', 'tensor_bytes', 'atomic_save', 'unwrap', 'save_checkpoint', 'is_resumable',
            'load_checkpoint', 'describe_model_config', 'load_weights', 'load_model', 'prepare_for_training']
 
 # %% ../nbs/03_models.ipynb #8cd709b6
@@ -347,8 +347,16 @@ def to_loadable(obj, where: str = 'checkpoint'):
                     'refuses; store tensors, numbers, strings, lists and dicts only')
 
 # %% ../nbs/03_models.ipynb #0ed101cc
+def tensor_bytes(obj) -> int:
+    "Bytes of the tensors in a nested checkpoint object (what `torch.save` will write, near enough)."
+    if isinstance(obj, torch.Tensor): return obj.numel() * obj.element_size()
+    if isinstance(obj, dict): return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)): return sum(tensor_bytes(v) for v in obj)
+    return 0
+
 def atomic_save(obj, path: str | Path) -> Path:
-    "`torch.save` through `atomic_write`: a checkpoint is never half-written."
+    "`torch.save` through `atomic_write`, after checking the free space: a checkpoint is never half-written."
+    check_free_space(Path(path).parent, tensor_bytes(obj), f'checkpoint {Path(path).name}')
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 def unwrap(model: nn.Module) -> nn.Module:
