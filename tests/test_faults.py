@@ -177,3 +177,18 @@ def test_lesion_free_images_are_accepted_counted_and_scored(setup, tmp_path):
     run(['skinkd_evaluate', *args, '--set', f'data.root={syn}', '--set', f'data.cache_dir={tmp_path / "cache"}',
          '--weights', str(teacher), '--out', str(out)], check=True)
     assert ', 2 of them lesion-free)' in (out / 'report.md').read_text()
+
+
+def test_a_folder_build_killed_mid_way_leaves_a_temporary_folder_that_the_next_run_removes(tmp_path):
+    "kill -9 during synthesis leaves `.syn.tmp-<host>-<pid>-*`; the next run sees its writer is dead, removes it and builds."
+    import signal, socket, time
+    out = tmp_path / 'syn'
+    p = subprocess.Popen(['skinkd_synth', '--out', str(out), '--n', '3000', '--size', '128'], env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob('.syn.tmp-*/*/*')) and time.time() < deadline: time.sleep(0.05)
+    p.send_signal(signal.SIGKILL); p.wait()
+    left = list(tmp_path.glob('.syn.tmp-*'))
+    assert [t.name.startswith(f'.syn.tmp-{socket.gethostname()}-{p.pid}-') for t in left] == [True]
+    run(['skinkd_synth', '--out', str(out), '--n', '8', '--size', '32'], check=True)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ['syn']
