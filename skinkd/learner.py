@@ -262,7 +262,7 @@ class Learner:
                 val = validate(unwrap(self.model), self.loaders['val'], self.device, self.cfg.eval.threshold, self.tc.channels_last, self.tc.amp)
                 self.epoch += 1
                 self.end_epoch(train, val, time.time() - start)
-                if self.epoch < self.tc.epochs and not self.stopped and self.stop_requested():
+                if self.stop_requested():  # also after the last epoch: the command stops instead of going on to its next stage
                     raise Stopped(self.stop.signum, f'epoch {self.epoch} finished and saved in {self.run_dir / "checkpoints" / "last.pt"}')
         return self.history[-1] if self.history else {}
 
