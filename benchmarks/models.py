@@ -1,8 +1,8 @@
-"""Speed of skinkd's DeepLabV3+ against segmentation_models_pytorch (smp) on the CPU.
+"""Speed of skinkd's DeepLabV3+ students and teacher against segmentation_models_pytorch (smp) on the CPU, with spread.
 
-For the teacher (ResNet-101) and the student (ResNet-18), each with separable and standard ASPP, builds skinkd's
-model and smp.DeepLabV3Plus with the same encoder, output stride 16 and ASPP style, and measures, alternating the
-two models in the same process so that machine noise hits both alike:
+Pairs (skinkd against smp.DeepLabV3Plus with the same encoder, output stride 16 and ASPP style): ResNet-18 and
+ResNet-101, separable and standard, and the separable MobileNetV3-Large student against smp's timm MobileNetV3-Large
+(`tu-mobilenetv3_large_100`, the same 4.71 M parameters). For each pair:
   - parameters and MACs at 256x256 (torch.utils.flop_counter),
   - inference latency, batch 1, 256x256, for skinkd's three inference paths:
       compiled: prepare_for_inference(compile=True) = BatchNorm folded, channels_last, torch.compile (Inductor) with
@@ -11,37 +11,49 @@ two models in the same process so that machine noise hits both alike:
       eager:    prepare_for_inference() = BatchNorm folded + channels_last (what evaluation runs by default),
     against smp in eager eval mode, as documented,
   - training throughput, batch 4, 256x256, SGD step on BCE (skinkd: channels_last, the train.channels_last default).
-Ratios are skinkd speed / smp speed (> 1: skinkd faster). Targets (issue 4), checked on the separable rows, which
-compare the same architecture: inference >= 1.3x (skinkd's fastest path, compiled), training >= 1.0x. "per MAC" scales
-the training ratio by the MAC ratio: how fast each implementation turns arithmetic into steps.
-Times are the best of several alternated repetitions. Note: smp keeps separable convolutions after ASPP and in the
-decoder even with decoder_aspp_separable=False, while skinkd's standard model has the paper's full 3x3 convolutions
-there (about twice the MACs for ResNet-18), so only the separable rows compare the same amount of work.
+The student table then compares every student skinkd can build (ResNet-18 and MobileNetV3-Large, standard and
+separable ASPP/decoder) against the default student: parameters, MACs, compiled and eager latency at batch 1 and
+`--student-size` pixels, and training throughput.
 
-At one thread PyTorch sends 1x1 convolutions at batch < 16 to its native GEMM instead of oneDNN (for both models),
-so run it at the default thread count and at --threads 1 to see both regimes.
+Every measurement alternates the models in one process, round after round (the order reversed every other round), so
+that machine noise hits them alike. Times are the median over `--rounds` rounds with the interquartile range; each
+ratio is computed within a round (skinkd speed / smp speed, > 1: skinkd faster) and summarised the same way. Targets
+(issue 17), on the separable rows, which compare the same architecture: compiled inference >= 1.3x, training >= 1.0x.
+"per MAC" scales the training ratio by the MAC ratio: how fast each implementation turns arithmetic into steps.
+smp keeps separable convolutions after ASPP and in the decoder even with decoder_aspp_separable=False, while skinkd's
+standard model has the paper's full 3x3 convolutions there, so only the separable rows compare the same work.
 
-A second table compares the students skinkd can build through its encoder registry: the MobileNetV3-Large student
-against the ResNet-18 student (standard and separable ASPP/decoder each): parameters, MACs, compiled and eager
-latency at batch 1 and training throughput, alternated in one process; ratios are against the ResNet-18 standard
-student (the default).
+The first line printed names the CPU and the instructions PyTorch may use. `--isa avx2` caps PyTorch's kernels, oneDNN
+and MKL at AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS; Inductor follows ATen's cap): what
+an AVX2-only CPU runs, on this CPU's cores and caches.
 
-Usage: python benchmarks/models.py [--quick] [--threads N] [--students-only]   (smp is a benchmark-only dependency)
+Usage: python benchmarks/models.py [--quick] [--rounds N] [--threads N] [--isa avx2|native] [--students-only]
+       [--student-size 96]   (smp is a benchmark-only dependency)
 """
 import argparse
-import time
+import sys
 
-import torch
-import torch.nn.functional as F
+from isa import ISA_CAPS, cap_isa
 
-from skinkd.export import prepare_for_inference
-from skinkd.models import DeepLabV3Plus, aspp_rates, count_macs, count_params, prepare_for_training
+if __name__ == '__main__': cap_isa(sys.argv)
+
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from skinkd.export import cpu_description, prepare_for_inference  # noqa: E402
+from skinkd.models import DeepLabV3Plus, aspp_rates, count_macs, count_params, prepare_for_training  # noqa: E402
+
+SMP_ENCODER = {'resnet18': 'resnet18', 'resnet101': 'resnet101', 'mobilenet_v3_large': 'tu-mobilenetv3_large_100'}
+STUDENTS = [('resnet18', False), ('resnet18', True), ('mobilenet_v3_large', False), ('mobilenet_v3_large', True)]
 
 
 def smp_model(backbone, separable):
     "smp's DeepLabV3Plus with the same encoder, output stride 16 and ASPP style."
     import segmentation_models_pytorch as smp
-    return smp.DeepLabV3Plus(encoder_name=backbone, encoder_weights=None, encoder_output_stride=16,
+    return smp.DeepLabV3Plus(encoder_name=SMP_ENCODER[backbone], encoder_weights=None, encoder_output_stride=16,
                              decoder_atrous_rates=aspp_rates(16), decoder_aspp_separable=separable, classes=1)
 
 
@@ -60,21 +72,48 @@ def train_step(model, opt, x, y):
     return time.perf_counter() - t
 
 
-def alternate(fns, reps, warmup=1):
-    "Best times of the timing functions `fns`, called in turn after warm-up (the minimum is the least disturbed by other load)."
+def alternate(fns, rounds, warmup=2):
+    "Times of the timing functions `fns`, called in turn for `rounds` rounds after warm-up: an array (rounds, len(fns))."
     for _ in range(warmup):
         for f in fns: f()
-    times = [[] for _ in fns]
-    for i in range(reps):  # alternate the order too
-        for j in (range(len(fns)) if i % 2 == 0 else reversed(range(len(fns)))): times[j].append(fns[j]())
-    return tuple(min(t) for t in times)
+    times = np.zeros((rounds, len(fns)))
+    for i in range(rounds):  # alternate the order too
+        for j in (range(len(fns)) if i % 2 == 0 else reversed(range(len(fns)))): times[i, j] = fns[j]()
+    return times
 
 
-def bench_pair(backbone, separable, reps, size=256, batch=4):
-    "One table row: skinkd vs smp for an encoder and ASPP style."
+def spread(x):
+    "(median, 25th percentile, 75th percentile) of `x`."
+    return tuple(float(v) for v in np.percentile(x, [50, 25, 75]))
+
+
+def alternate_blocks(fns, rounds, block=5):
+    """Like `alternate`, but each turn is a warm-up call and `block` timed calls, summarised by their median.
+
+    For models in different runtimes (PyTorch, ONNX Runtime): each runtime's idle threads spin for a while after a call
+    and slow the other's next call, which a single alternated call would measure."""
+    times = np.zeros((rounds, len(fns)))
+    for i in range(rounds):
+        for j in (range(len(fns)) if i % 2 == 0 else reversed(range(len(fns)))):
+            fns[j](); times[i, j] = np.median([fns[j]() for _ in range(block)])
+    return times
+
+
+def fmt_spread(s, scale=1.0, digits=1, unit=''):
+    "'12.3 (11.9-12.8)' from a `spread`."
+    m, lo, hi = (v * scale for v in s)
+    return f'{m:.{digits}f}{unit} ({lo:.{digits}f}-{hi:.{digits}f})'
+
+
+def label(backbone, separable):
+    return f"{backbone} {'sep' if separable else 'std'}"
+
+
+def bench_pair(backbone, separable, rounds, size=256, batch=4):
+    "One table row: skinkd against smp for an encoder and ASPP style."
     torch.manual_seed(0)
     ours, ref = DeepLabV3Plus(backbone, aspp_separable=separable), smp_model(backbone, separable)
-    row = dict(model=f"{backbone} {'sep' if separable else 'std'}", params=(count_params(ours), count_params(ref)),
+    row = dict(model=label(backbone, separable), params=(count_params(ours), count_params(ref)),
                macs=(count_macs(ours, size), count_macs(ref, size)))
     eager, frozen, ref_eval = prepare_for_inference(ours), prepare_for_inference(ours, freeze=True), ref.eval()
     compiled, x1 = prepare_for_inference(ours, compile=True), torch.randn(1, 3, size, size)
@@ -84,85 +123,99 @@ def bench_pair(backbone, separable, reps, size=256, batch=4):
         for name, fast in (('frozen', frozen), ('compiled', compiled)):  # relative: random deep ResNets give large logits
             diff = (fast(x1) - ref_logits).abs().max() / ref_logits.abs().max().clamp(min=1)
             assert diff < 1e-4, f'{name} model differs from eager by {diff:.1e} (relative)'
-    row['infer'] = alternate([lambda: infer_step(compiled, x1), lambda: infer_step(frozen, x1),
-                              lambda: infer_step(eager, x1), lambda: infer_step(ref_eval, x1)], reps)
+    t = alternate([lambda: infer_step(compiled, x1), lambda: infer_step(frozen, x1),
+                   lambda: infer_step(eager, x1), lambda: infer_step(ref_eval, x1)], rounds)
+    row['infer'] = [spread(t[:, j]) for j in range(4)]
+    row['infer_ratio'] = [spread(t[:, 3] / t[:, j]) for j in range(3)]  # smp time / skinkd time, per round
     del compiled, frozen, eager
     ours, ref = prepare_for_training(ours.train()), ref.train()
     xb, yb = torch.randn(batch, 3, size, size), (torch.rand(batch, 1, size, size) > 0.5).float()
     oo, oa = torch.optim.SGD(ours.parameters(), lr=1e-3, momentum=0.9), torch.optim.SGD(ref.parameters(), lr=1e-3, momentum=0.9)
-    row['train'] = alternate([lambda: train_step(ours, oo, xb, yb), lambda: train_step(ref, oa, xb, yb)], reps)
-    row['train'] = tuple(batch / t for t in row['train'])  # images per second
+    t = alternate([lambda: train_step(ours, oo, xb, yb), lambda: train_step(ref, oa, xb, yb)], rounds)
+    row['train'] = [spread(batch / t[:, j]) for j in range(2)]  # images per second
+    row['train_ratio'] = spread(t[:, 1] / t[:, 0])
     return row
 
 
 def print_table(rows):
-    "The results as a text table with skinkd/smp ratios, then the target check on the separable rows."
-    print(f"{'model':14} {'params M':>15} {'GMACs':>13} | {'latency ms: compiled  frozen   eager     smp':>44} | "
-          f"{'speed x: compiled frozen eager':>30} | {'train img/s':>15} {'speed x':>7} {'per MAC':>7}")
-    print(f"{'':14} {'skinkd / smp':>15} {'skinkd / smp':>13} | {'':44} | {'':30} | {'skinkd / smp':>15}")
+    "The results as a text table with skinkd/smp ratios (median, interquartile range), then the target check on the separable rows."
+    print(f"\n{'model':22} {'params M':>15} {'GMACs':>13} | latency ms, median (IQR): {'compiled':>18} {'frozen':>18} {'eager':>18} "
+          f"{'smp':>18} | speed x (compiled) {'':12} | train img/s: {'skinkd':>18} {'smp':>18} | {'speed x':>18} {'per MAC':>7}")
     for r in rows:
-        (pa, pb), (ma, mb), lat, (ta, tb) = r['params'], r['macs'], r['infer'], r['train']
-        print(f"{r['model']:14} {pa / 1e6:6.2f} / {pb / 1e6:6.2f} {ma / 1e9:5.2f} / {mb / 1e9:5.2f} | "
-              f"{'':7}" + ''.join(f'{t * 1e3:9.1f}' for t in lat) + ' | '
-              f"{'':6}" + ''.join(f'{lat[-1] / t:7.2f}x' for t in lat[:-1]) + ' | '
-              f"{ta:6.2f} / {tb:6.2f} {ta / tb:6.2f}x {ta / tb * ma / mb:6.2f}x")
+        (pa, pb), (ma, mb) = r['params'], r['macs']
+        print(f"{r['model']:22} {pa / 1e6:6.2f} / {pb / 1e6:6.2f} {ma / 1e9:5.2f} / {mb / 1e9:5.2f} | {'':27}"
+              + ''.join(f'{fmt_spread(s, 1e3):>19}' for s in r['infer'])
+              + f" | {fmt_spread(r['infer_ratio'][0], digits=2, unit='x'):>31}"
+              + f" | {'':12}" + ''.join(f'{fmt_spread(s, digits=2):>19}' for s in r['train'])
+              + f" | {fmt_spread(r['train_ratio'], digits=2, unit='x'):>18} {r['train_ratio'][0] * ma / mb:6.2f}x")
+    print('frozen and eager speed x (median): ' + ', '.join(f"{r['model']} {r['infer_ratio'][1][0]:.2f}x / {r['infer_ratio'][2][0]:.2f}x" for r in rows))
     print('compile time of the first call (s): ' + ', '.join(f"{r['model']} {r['compile_s']:.0f}" for r in rows))
     for r in (r for r in rows if r['model'].endswith('sep')):
-        inf, tr = r['infer'][-1] / r['infer'][0], r['train'][0] / r['train'][1]
-        print(f"target {r['model']}: inference (compiled) {inf:.2f}x >= 1.3x {'met' if inf >= 1.3 else 'NOT met'}; "
-              f"training {tr:.2f}x >= 1.0x {'met' if tr >= 1.0 else 'NOT met'}")
+        inf, tr = r['infer_ratio'][0], r['train_ratio']
+        print(f"target {r['model']}: inference (compiled) {fmt_spread(inf, digits=2, unit='x')} >= 1.3x "
+              f"{'met' if inf[0] >= 1.3 else 'NOT met'}; training {fmt_spread(tr, digits=2, unit='x')} >= 1.0x "
+              f"{'met' if tr[0] >= 1.0 else 'NOT met'} (median; IQR in brackets)")
 
 
-STUDENTS = [('resnet18', False), ('resnet18', True), ('mobilenet_v3_large', False), ('mobilenet_v3_large', True)]
-
-def bench_students(reps, size=256, batch=4):
+def bench_students(rounds, size=256, batch=4):
     "Rows of the student table: every student's size, compiled and eager latency and training speed, alternated."
     torch.manual_seed(0)
-    models = {f"{b} {'sep' if s else 'std'}": DeepLabV3Plus(b, aspp_separable=s) for b, s in STUDENTS}
+    models = {label(b, s): DeepLabV3Plus(b, aspp_separable=s) for b, s in STUDENTS}
     rows = {k: dict(model=k, params=count_params(m), macs=count_macs(m, size)) for k, m in models.items()}
     x1, xb = torch.randn(1, 3, size, size), torch.randn(batch, 3, size, size)
     yb = (torch.rand(batch, 1, size, size) > 0.5).float()
     compiled = {k: prepare_for_inference(m, compile=True) for k, m in models.items()}
     eager = {k: prepare_for_inference(m) for k, m in models.items()}
     for k, c in compiled.items(): rows[k]['compile_s'] = infer_step(c, x1)
-    times = alternate([(lambda c=c: infer_step(c, x1)) for c in compiled.values()] +
-                      [(lambda e=e: infer_step(e, x1)) for e in eager.values()], reps)
-    for i, k in enumerate(models): rows[k]['infer'] = (times[i], times[len(models) + i])
+    t = alternate([(lambda c=c: infer_step(c, x1)) for c in compiled.values()] +
+                  [(lambda e=e: infer_step(e, x1)) for e in eager.values()], rounds)
+    n = len(models)
+    for i, k in enumerate(models):
+        rows[k]['infer'] = (spread(t[:, i]), spread(t[:, n + i]))
+        rows[k]['infer_speedup'] = spread(t[:, 0] / t[:, i])  # against the first (default) student, per round
     train = {k: prepare_for_training(m.train()) for k, m in models.items()}
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in train.items()}
-    tt = alternate([(lambda k=k: train_step(train[k], opts[k], xb, yb)) for k in train], reps)
-    for k, t in zip(train, tt): rows[k]['train'] = batch / t
+    t = alternate([(lambda k=k: train_step(train[k], opts[k], xb, yb)) for k in train], rounds)
+    for i, k in enumerate(train):
+        rows[k]['train'] = spread(batch / t[:, i])
+        rows[k]['train_speedup'] = spread(t[:, 0] / t[:, i])
     return list(rows.values())
 
 
-def print_students(rows):
-    "The student table, with ratios against the first row (the default ResNet-18 student)."
+def print_students(rows, size):
+    "The student table, with speed ratios against the first row (the default ResNet-18 student)."
     base = rows[0]
-    print(f"\n{'student':24} {'params M':>8} {'GMACs':>6} {'compiled ms':>11} {'eager ms':>9} {'train img/s':>11} | "
-          f"{'params':>6} {'MACs':>6} {'compiled':>8} {'train':>6}  (x the {base['model']} student)")
+    print(f"\nstudents at {size}x{size} (batch 1 latency, batch 4 training), median (IQR); speed x the {base['model']} student")
+    print(f"{'student':24} {'params M':>8} {'GMACs':>6} {'compiled ms':>18} {'eager ms':>18} {'train img/s':>18} | "
+          f"{'compiled speed':>20} {'train speed':>20}")
     for r in rows:
-        print(f"{r['model']:24} {r['params'] / 1e6:8.2f} {r['macs'] / 1e9:6.2f} {r['infer'][0] * 1e3:11.1f} {r['infer'][1] * 1e3:9.1f} "
-              f"{r['train']:11.2f} | {r['params'] / base['params']:6.2f} {r['macs'] / base['macs']:6.2f} "
-              f"{base['infer'][0] / r['infer'][0]:7.2f}x {r['train'] / base['train']:5.2f}x")
+        print(f"{r['model']:24} {r['params'] / 1e6:8.2f} {r['macs'] / 1e9:6.2f} {fmt_spread(r['infer'][0], 1e3):>18} "
+              f"{fmt_spread(r['infer'][1], 1e3):>18} {fmt_spread(r['train'], digits=2):>18} | "
+              f"{fmt_spread(r['infer_speedup'], digits=2, unit='x'):>20} {fmt_spread(r['train_speedup'], digits=2, unit='x'):>20}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--quick', action='store_true', help='student (ResNet-18) rows only, fewer repetitions')
+    p.add_argument('--quick', action='store_true', help='the separable pairs only (the targets), and the student table')
+    p.add_argument('--rounds', type=int, default=15, help='alternation rounds per measurement (median and IQR over them)')
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch default)')
-    p.add_argument('--students-only', action='store_true', help='only the student table (ResNet-18 vs MobileNetV3-Large)')
+    p.add_argument('--isa', choices=tuple(ISA_CAPS), default='native',
+                   help='cap the instructions PyTorch, oneDNN and MKL use (applied before PyTorch loads)')
+    p.add_argument('--students-only', action='store_true', help='only the student table')
+    p.add_argument('--student-size', type=int, default=256, help='input side of the student table (the ISIC CPU students run at 96)')
     a = p.parse_args(argv)
     if a.threads: torch.set_num_threads(a.threads)
-    pairs = [('resnet18', True), ('resnet18', False)] + ([] if a.quick else [('resnet101', True), ('resnet101', False)])
-    reps = 5 if a.quick else 7
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, 256x256; inference batch 1, training batch 4')
+    pairs = [('resnet18', True), ('resnet101', True), ('mobilenet_v3_large', True)]
+    if not a.quick: pairs += [('resnet18', False), ('resnet101', False)]
+    print(f'CPU: {cpu_description()}')
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads; inference batch 1, training batch 4; {a.rounds} rounds')
     if not a.students_only:
         rows = []
         for backbone, sep in pairs:
-            rows.append(bench_pair(backbone, sep, reps if backbone == 'resnet18' else 5))
+            rows.append(bench_pair(backbone, sep, a.rounds))
             print(f'  done {rows[-1]["model"]}', flush=True)
         print_table(rows)
-    print_students(bench_students(reps))
+    print_students(bench_students(a.rounds, a.student_size), a.student_size)
 
 
 if __name__ == '__main__': main()

@@ -92,14 +92,20 @@ def _check_data_options(p):
     p.add_argument('--data', required=True, help='dataset folder')
     p.add_argument('--layout', default='auto', help='folder layout (default: auto, detect it); a wrong name lists the registered ones')
 
-@command('skinkd_export', 'Export a skinkd checkpoint to ONNX or TorchScript.', 'skinkd.export:export_command', config=False)
+@command('skinkd_export', 'Export a skinkd checkpoint to ONNX (fp32 or INT8) or TorchScript.', 'skinkd.export:export_command', config=False)
 def _export_options(p):
     p.add_argument('--weights', required=True, help='checkpoint (.pt) written by skinkd')
-    p.add_argument('--format', required=True, choices=('onnx', 'torchscript'), help='export format')
+    p.add_argument('--format', required=True, choices=('onnx', 'onnx-int8', 'torchscript'),
+                   help='export format: onnx and torchscript keep fp32; onnx-int8 is post-training INT8 for CPU deployment')
     p.add_argument('--out', required=True, help='output file, e.g. student.onnx')
-    p.add_argument('--size', type=int, default=256, help='side of the check input in pixels')
-    p.add_argument('--image', default=None, help='image for the check (default: a fixed pseudo-image)')
-    p.add_argument('--tol', type=float, default=1e-3, help='fail when the max abs difference exceeds this')
+    p.add_argument('--size', type=int, default=256, help='side of the check input in pixels (onnx-int8: the working size the checkpoint records)')
+    p.add_argument('--image', default=None, help='image for the check (default: a fixed pseudo-image; onnx-int8: 8 calibration images)')
+    p.add_argument('--tol', type=float, default=None,
+                   help='fail when the check exceeds this: the max abs logit difference (default 1e-3), or for onnx-int8 '
+                        '1 - the Dice between INT8 and fp32 masks (default 0.02)')
+    p.add_argument('--calib', nargs='+', metavar='PATH', default=None,
+                   help='onnx-int8: training images that calibrate activation ranges (files, folders of any layout, globs)')
+    p.add_argument('--calib_count', type=int, default=64, help='onnx-int8: how many calibration images to use, spread over --calib')
 
 @command('skinkd_train_teacher', 'Train the DeepLabV3+ teacher.', 'skinkd.teacher:train_teacher_command')
 def _train_teacher_options(p):

@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import platform
+import tempfile
 import warnings
 from pathlib import Path
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +23,14 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .cli import export_main
 from .core import SkinkdError, atomic_write
 from .data import load_image, normalize, prepare_image
+from .metrics import predict_mask
 from .models import load_model, unwrap
 
 # %% auto #0
-__all__ = ['export_cli', 'fold_batchnorm', 'freeze_for_cpu', 'CompiledForInference', 'compile_for_inference',
-           'prepare_for_inference', 'example_input', 'export_model', 'run_exported', 'export_checkpoint',
-           'export_command']
+__all__ = ['FORMATS', 'ISA_NAMES', 'DEFAULT_TOL', 'export_cli', 'fold_batchnorm', 'freeze_for_cpu', 'CompiledForInference',
+           'compile_for_inference', 'prepare_for_inference', 'example_input', 'OnnxModel', 'export_model',
+           'run_exported', 'cpu_flags', 'int8_instructions', 'cpu_description', 'mask_agreement', 'calibration_inputs',
+           'quantize_model', 'checkpoint_calibration', 'export_checkpoint', 'export_command']
 
 # %% ../nbs/03a_export.ipynb #380e8328
 def _conv_bn_pairs(parent: nn.Module):
@@ -91,20 +98,42 @@ def example_input(size: int = 256, image: str | Path | None = None) -> torch.Ten
     return normalize(img)[None]
 
 # %% ../nbs/03a_export.ipynb #53a1778e
-def export_model(model: nn.Module, fmt: str, # 'onnx' or 'torchscript'
-                 out: str | Path, example: torch.Tensor) -> Path:
-    "Export the folded model to ONNX or TorchScript through `atomic_write`: a failed export leaves no file behind."
-    if fmt not in ('onnx', 'torchscript'): raise SkinkdError(f"export format {fmt!r} is not supported; use onnx or torchscript")
-    if fmt == 'onnx': _require('onnx')
+FORMATS = ('onnx', 'onnx-int8', 'torchscript')  # what `skinkd_export --format` writes
+
+class OnnxModel(nn.Module):
+    "An ONNX file run by ONNX Runtime on the CPU, behind the `nn.Module` interface (logits out) that evaluation uses."
+    def __init__(self, path: str | Path, threads: int | None = None):
+        super().__init__()
+        ort = _require('onnxruntime')
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()  # the same cores PyTorch would use
+        opts.add_session_config_entry('session.intra_op.allow_spinning', '0')  # idle threads sleep: PyTorch shares the cores
+        self.path, self.session = Path(path), ort.InferenceSession(str(path), opts, providers=['CPUExecutionProvider'])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {'image': x.detach().float().cpu().numpy()})[0])
+
+def _write_onnx(model: nn.Module, example: torch.Tensor, f):
+    "torch.onnx.export of `model` (batch, height and width dynamic) into the file object or path `f`."
+    dyn = {0: 'batch', 2: 'height', 3: 'width'}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter('ignore')
+        torch.onnx.export(model, (example,), f, dynamo=False, opset_version=17, input_names=['image'],
+                          output_names=['logits'], dynamic_axes={'image': dyn, 'logits': dyn})
+
+def export_model(model: nn.Module, fmt: str, # 'onnx', 'onnx-int8' or 'torchscript'
+                 out: str | Path, example: torch.Tensor,
+                 calibration: np.ndarray | None = None, # onnx-int8: (N,3,S,S) float32 model inputs of training images
+                ) -> Path:
+    "Export the folded model (INT8 for 'onnx-int8') through `atomic_write`: a failed export leaves no file behind."
+    if fmt not in FORMATS: raise SkinkdError(f"export format {fmt!r} is not supported; use {', '.join(FORMATS)}")
+    if fmt.startswith('onnx'): _require('onnx')
     model = prepare_for_inference(model, channels_last=fmt == 'torchscript')
+    if fmt == 'onnx-int8': return quantize_model(model, out, example, calibration)
     def write(f):
+        if fmt == 'onnx': return _write_onnx(model, example, f)
         with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter('ignore')
-            if fmt == 'torchscript': torch.jit.save(torch.jit.trace(model, example), f)
-            else:
-                dyn = {0: 'batch', 2: 'height', 3: 'width'}
-                torch.onnx.export(model, (example,), f, dynamo=False, opset_version=17, input_names=['image'],
-                                  output_names=['logits'], dynamic_axes={'image': dyn, 'logits': dyn})
+            warnings.simplefilter('ignore'); torch.jit.save(torch.jit.trace(model, example), f)
     return atomic_write(out, write)
 
 def run_exported(path: str | Path, fmt: str, x: torch.Tensor) -> torch.Tensor:
@@ -112,26 +141,131 @@ def run_exported(path: str | Path, fmt: str, x: torch.Tensor) -> torch.Tensor:
     if fmt == 'torchscript':
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter('ignore'); return torch.jit.load(str(path))(x)
-    ort = _require('onnxruntime')
-    sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
-    return torch.from_numpy(sess.run(None, {'image': x.numpy()})[0])
+    return OnnxModel(path)(x)
+
+
+# %% ../nbs/03a_export.ipynb #d21a9fc2
+ISA_NAMES = {'avx2': 'AVX2', 'avx512f': 'AVX-512', 'avx512_vnni': 'AVX512-VNNI', 'avx_vnni': 'AVX-VNNI',
+             'avx512_bf16': 'AVX512-BF16', 'amx_int8': 'AMX-INT8', 'amx_bf16': 'AMX-BF16'}
+
+def cpu_flags() -> set[str]:
+    "This CPU's instruction-set flags, from /proc/cpuinfo (empty where there is none)."
+    try: text = Path('/proc/cpuinfo').read_text()
+    except OSError: return set()
+    return set(next((l.split(':', 1)[1].split() for l in text.splitlines() if l.startswith(('flags', 'Features'))), []))
+
+def int8_instructions(flags: set[str] | None = None) -> str | None:
+    "The best int8 dot-product instructions ONNX Runtime can use on this CPU, or None where it has none fast."
+    flags = cpu_flags() if flags is None else flags
+    for flag in ('amx_int8', 'avx512_vnni', 'avx_vnni', 'avx2'):
+        if flag in flags: return ISA_NAMES[flag]
+    return 'NEON' if platform.machine() in ('aarch64', 'arm64') else None
+
+def cpu_description() -> str:
+    "The CPU's model, its vector instructions, and the ones PyTorch's kernels and oneDNN are allowed to use."
+    name = platform.processor() or platform.machine()
+    try: name = next(l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('model name'))
+    except (OSError, StopIteration): pass
+    flags = cpu_flags()
+    isa = ', '.join(v for k, v in ISA_NAMES.items() if k in flags) or 'no AVX2'
+    caps = [f'{k}={os.environ[k]}' for k in ('ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA', 'MKL_ENABLE_INSTRUCTIONS') if os.environ.get(k)]
+    return (f"{name}, {os.cpu_count()} logical cores; {isa}; PyTorch kernels {torch.backends.cpu.get_cpu_capability()}"
+            + (f" (capped: {' '.join(caps)})" if caps else ''))
+
+# %% ../nbs/03a_export.ipynb #73cead2c
+def mask_agreement(a: torch.Tensor, b: torch.Tensor, # logits of two models on the same images
+                   threshold: float = 0.5) -> float:
+    "Dice between the lesion masks of two models' logits, pooled over the batch (1.0 when both are empty)."
+    ma, mb = predict_mask(a, threshold), predict_mask(b, threshold)
+    total = (ma.sum() + mb.sum()).item()
+    return 1.0 if total == 0 else 2 * (ma & mb).sum().item() / total
+
+def calibration_inputs(files: list, # image files, e.g. `skinkd.predict.image_files(['data/train'])`
+                       size: int, # the model's working size
+                       mirror_pad: bool = True, normalize_inputs: bool = True, # as the model was trained
+                       count: int = 64, # images to use, spread evenly over `files`
+                      ) -> np.ndarray:
+    "(N,3,size,size) float32 model inputs of up to `count` of `files`, prepared exactly as for training."
+    picked = [files[round(i * len(files) / count)] for i in range(count)] if len(files) > count else list(files)
+    x = torch.stack([torch.tensor(prepare_image(load_image(f), size, mirror_pad)).permute(2, 0, 1) / 255 for f in picked])
+    return (normalize(x) if normalize_inputs else x).numpy().astype(np.float32)
+
+def _calibration_reader(inputs: np.ndarray):
+    "ONNX Runtime's calibration reader over `inputs`, one image per call."
+    from onnxruntime.quantization import CalibrationDataReader
+    class Reader(CalibrationDataReader):
+        def __init__(self): self.it = iter(inputs)
+        def get_next(self): return None if (x := next(self.it, None)) is None else {'image': x[None]}
+    return Reader()
+
+def quantize_model(model: nn.Module, # a folded eval-mode model (`prepare_for_inference(channels_last=False)`)
+                   out: str | Path, example: torch.Tensor,
+                   calibration: np.ndarray, # (N,3,S,S) float32 inputs of training images (`calibration_inputs`)
+                  ) -> Path:
+    "Static INT8 ONNX (QDQ, per-channel int8 weights in 7 bits, uint8 activations) calibrated on `calibration`, written atomically."
+    if calibration is None or len(calibration) == 0:
+        raise SkinkdError('INT8 export needs calibration images: pass --calib with training images (a folder or glob)')
+    _require('onnxruntime')
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
+    out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f'.{out.name}.') as tmp:  # removed on any error
+        fp32, pre, int8 = (Path(tmp) / n for n in ('fp32.onnx', 'pre.onnx', 'int8.onnx'))
+        _write_onnx(model, example, str(fp32))
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            quant_pre_process(str(fp32), str(pre))
+            quantize_static(str(pre), str(int8), _calibration_reader(calibration), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
+        return atomic_write(out, lambda f: f.write(int8.read_bytes()))
 
 # %% ../nbs/03a_export.ipynb #9d358d2c
+DEFAULT_TOL = {'onnx': 1e-3, 'torchscript': 1e-3, 'onnx-int8': 0.02}  # max abs logit difference; 1 - mask Dice for INT8
+
+def checkpoint_calibration(ckpt: dict, calib: list, # image files, folders or globs (the training images)
+                           count: int = 64) -> np.ndarray:
+    "Calibration inputs for a checkpoint: `count` of the `calib` images, prepared as the checkpoint was trained."
+    from skinkd.evaluate import trained_preprocessing  # these chapters import this one
+    from skinkd.predict import image_files
+    pre = trained_preprocessing(ckpt)
+    return calibration_inputs(image_files(calib), int(pre.get('data.image_size', 256)), bool(pre.get('augment.mirror_pad', True)),
+                              bool(pre.get('augment.normalize', True)), count)
+
 def export_checkpoint(weights: str | Path, fmt: str, out: str | Path, size: int = 256,
-                      image: str | Path | None = None) -> float:
-    "Export a checkpoint's model; returns the max abs difference to eager PyTorch (relative when logits exceed 1)."
-    model, _ = load_model(weights)
-    x = example_input(size, image)
-    path = export_model(model, fmt, out, x)
-    with torch.no_grad(): ref = model(x)
-    return (run_exported(path, fmt, x) - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+                      image: str | Path | None = None,
+                      calib: list | None = None, # onnx-int8: training images (files, folders, globs)
+                      calib_count: int = 64, # onnx-int8: how many of them calibrate
+                     ) -> float:
+    "Export a checkpoint's model and check it: the max abs logit difference to eager PyTorch (relative when logits exceed 1), or for INT8 1 - its mask agreement with fp32."
+    model, ckpt = load_model(weights)
+    calibration = checkpoint_calibration(ckpt, calib, calib_count) if fmt == 'onnx-int8' and calib else None
+    x = example_input(size, image) if calibration is None or image else torch.from_numpy(calibration[:8])
+    path = export_model(model, fmt, out, x, calibration)
+    with torch.no_grad(): ref, got = model(x), run_exported(path, fmt, x)
+    if fmt == 'onnx-int8': return 1 - mask_agreement(got, ref)
+    return (got - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+
+def _reject(out: str | Path, problem: str, fix: str):
+    "Remove an export that failed its check, so no deployment picks it up, and say why."
+    Path(out).unlink(missing_ok=True)
+    raise SkinkdError(f'{problem}; removed {out}; {fix}')
 
 def export_command(args: argparse.Namespace):
-    "What `skinkd_export` does: export, check against eager PyTorch, fail when the difference exceeds `--tol`."
+    "What `skinkd_export` does: export, check against eager PyTorch, remove the file and fail when the difference exceeds `--tol`."
+    tol = DEFAULT_TOL[args.format] if args.tol is None else args.tol
     if args.size < 16: raise SkinkdError(f'--size is {args.size}; the check input needs at least 16 pixels a side (default 256)')
-    if args.tol < 0: raise SkinkdError(f'--tol is {args.tol}; it must be >= 0')
-    diff = export_checkpoint(args.weights, args.format, args.out, args.size, args.image)
-    print(f"wrote {args.out} ({args.format}); max abs diff vs eager PyTorch on {args.image or 'a pseudo-image'} ({args.size}x{args.size}): {diff:.2e}")
-    if diff > args.tol: raise SkinkdError(f'exported model differs from eager PyTorch by {diff:.2e} > --tol {args.tol:g}')
+    if tol < 0: raise SkinkdError(f'--tol is {tol}; it must be >= 0')
+    if args.format == 'onnx-int8' and not args.calib:
+        raise SkinkdError('--format onnx-int8 needs --calib: training images (a folder or glob) whose activation ranges calibrate the INT8 model')
+    if args.calib_count < 1: raise SkinkdError(f'--calib_count is {args.calib_count}; calibrate on at least 1 image (default 64)')
+    diff = export_checkpoint(args.weights, args.format, args.out, args.size, args.image, args.calib, args.calib_count)
+    mb = Path(args.out).stat().st_size / 1e6
+    if args.format == 'onnx-int8':
+        on = args.image or f'{min(8, args.calib_count)} calibration images'
+        print(f"wrote {args.out} (onnx-int8, {mb:.1f} MB); masks agree with fp32 on {on}: Dice {1 - diff:.4f}, 1 - Dice = {diff:.2e}")
+        if diff > tol: _reject(args.out, f'INT8 masks differ from fp32 by 1 - Dice = {diff:.2e} > --tol {tol:g}', 'calibrate on more '
+                               'training images (--calib_count), or export fp32 (--format onnx)')
+        return
+    print(f"wrote {args.out} ({args.format}, {mb:.1f} MB); max abs diff vs eager PyTorch on {args.image or 'a pseudo-image'} ({args.size}x{args.size}): {diff:.2e}")
+    if diff > tol: _reject(args.out, f'exported model differs from eager PyTorch by {diff:.2e} > --tol {tol:g}', 'report it with the model')
 
 export_cli = export_main  # the console script: parses in skinkd.cli, then calls export_command

@@ -13,7 +13,8 @@ import torchvision
 from torch import nn
 
 from skinkd.config import ModelConfig, SkinkdError
-from skinkd.export import example_input, export_checkpoint, export_model, fold_batchnorm, prepare_for_inference, run_exported
+from skinkd.export import (example_input, export_checkpoint, export_model, fold_batchnorm, int8_instructions, mask_agreement,
+                           prepare_for_inference, run_exported)
 from skinkd.models import (AtrousConv2d, CheckpointError, DeepLabV3Plus, PretrainedError, ResNetBackbone, build_model, count_macs,
                            count_params, load_checkpoint, load_model, load_weights, save_checkpoint, IMAGENET_WEIGHTS)
 
@@ -93,6 +94,37 @@ def test_separable_matches_smp_param_count(backbone):
                             decoder_aspp_separable=True, classes=1)
     ours = DeepLabV3Plus(backbone, aspp_separable=True)
     assert abs(count_params(ours) - count_params(ref)) / count_params(ref) < 0.02
+
+
+def _conv_shapes(block: nn.Sequential) -> list[tuple]:
+    "(weight shape, groups, dilation) of each convolution in a conv_bn_relu block."
+    return [(tuple(c.weight.shape), c.groups, c.dilation[0]) for c in block if isinstance(c, nn.Conv2d)]
+
+
+@pytest.mark.parametrize('backbone, c1, c4', [('resnet18', 64, 512), ('mobilenet_v3_large', 24, 960)])
+def test_separable_switch_builds_the_documented_shapes(backbone, c1, c4):
+    "aspp_separable=False: the paper's full 3x3 convolutions; True: depthwise 3x3 (same dilation) then pointwise 1x1."
+    std, sep = DeepLabV3Plus(backbone), DeepLabV3Plus(backbone, aspp_separable=True)
+    for i, rate in enumerate((6, 12, 18), start=1):
+        assert _conv_shapes(std.aspp.branches[i]) == [((256, c4, 3, 3), 1, rate)]
+        assert _conv_shapes(sep.aspp.branches[i]) == [((c4, 1, 3, 3), c4, rate), ((256, c4, 1, 1), 1, 1)]
+    assert [_conv_shapes(b) for b in std.decoder.fuse] == [[((256, 304, 3, 3), 1, 1)], [((256, 256, 3, 3), 1, 1)]]
+    assert [_conv_shapes(b) for b in sep.decoder.fuse] == [[((304, 1, 3, 3), 304, 1), ((256, 304, 1, 1), 1, 1)],
+                                                           [((256, 1, 3, 3), 256, 1), ((256, 256, 1, 1), 1, 1)]]
+    for m in (std, sep):  # the 1x1 branches, projection and reduction are the same in both
+        assert _conv_shapes(m.aspp.branches[0]) == [((256, c4, 1, 1), 1, 1)] and _conv_shapes(m.decoder.reduce) == [((48, c1, 1, 1), 1, 1)]
+        assert _conv_shapes(m.aspp.project[:3]) == [((256, 5 * 256, 1, 1), 1, 1)]
+        with torch.no_grad(): out = m.eval()(torch.randn(1, 3, H, W), return_features=True)
+        assert out['aspp'].shape == (1, 256, cdiv(H, 16), cdiv(W, 16)) and out['decoder'].shape == (1, 256, cdiv(H, 4), cdiv(W, 4))
+        assert out['logits'].shape == (1, 1, H, W)
+
+
+@pytest.mark.parametrize('backbone, separable, params_m, gmacs', [  # the student table in the README and 03_models
+    ('resnet18', False, 16.60, 10.03), ('resnet18', True, 12.33, 4.82),
+    ('mobilenet_v3_large', False, 11.72, 7.09), ('mobilenet_v3_large', True, 4.71, 1.41)])
+def test_student_sizes_are_the_documented_ones(backbone, separable, params_m, gmacs):
+    m = DeepLabV3Plus(backbone, aspp_separable=separable)
+    assert round(count_params(m) / 1e6, 2) == params_m and round(count_macs(m, 256) / 1e9, 2) == gmacs
 
 
 def test_build_model_from_config():
@@ -341,6 +373,67 @@ def test_atrous_rates_beyond_the_map_skip_only_padding(separable):
     cin, cout = rate18.in_channels, rate18.out_channels // rate18.groups  # MACs: 8 of 9 taps skipped on a 16x16 map
     assert count_macs(full.eval(), 256) - count_macs(ours.eval(), 256) == 8 * cin * cout * 16 * 16
     assert count_macs(full.eval(), 320) == count_macs(ours.eval(), 320)  # a 20x20 map: every rate fits, nothing skipped
+
+
+@pytest.fixture(scope='module')
+def briefly_trained(tmp_path_factory):
+    "A separable ResNet-18 student trained for 40 steps on 16 synthetic images at 64 px (its masks are real, if rough), as a best.pt."
+    import torch.nn.functional as F
+    from skinkd.data import load_pair, normalize, prepare_pair, scan
+    from skinkd.synthetic import make_synthetic
+    root = tmp_path_factory.mktemp('int8')
+    make_synthetic(root / 'synth', 24, 64, seed=3)
+    prepared = [prepare_pair(*load_pair(s), 64) for s in scan(root / 'synth')[1]]
+    x = normalize(torch.stack([torch.tensor(img).permute(2, 0, 1) / 255 for img, _ in prepared]))
+    y = torch.stack([torch.tensor(m > 0).float()[None] for _, m in prepared])
+    torch.manual_seed(0)
+    cfg = ModelConfig('resnet18', aspp_separable=True)
+    model = build_model(cfg)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    for _ in range(40):
+        idx = torch.randint(0, 16, (8,))
+        opt.zero_grad(); torch.nn.functional.binary_cross_entropy_with_logits(model(x[idx]), y[idx]).backward(); opt.step()
+    path = save_checkpoint(root / 'best.pt', model, cfg, 'student', preprocessing=dict(image_size=64, mirror_pad=True, normalize=True))
+    return path, model.eval(), x, root
+
+
+def test_int8_export_masks_agree_with_fp32(briefly_trained, tmp_path):
+    "skinkd_export --format onnx-int8: a real INT8 graph, 4x smaller, whose masks agree with fp32 within the default tolerance."
+    onnx = pytest.importorskip('onnx', reason='onnx is optional'); pytest.importorskip('onnxruntime', reason='onnxruntime is optional')
+    path, model, x, root = briefly_trained
+    r = _cli('--weights', str(path), '--format', 'onnx-int8', '--out', str(tmp_path / 's8.onnx'), '--calib', str(root / 'synth' / '**' / '*.jpg'),
+             '--calib_count', '16')
+    assert r.returncode == 0, r.stderr
+    assert 'masks agree with fp32 on 8 calibration images' in r.stdout and float(r.stdout.split('1 - Dice = ')[1]) <= 0.02
+    graph = onnx.load(str(tmp_path / 's8.onnx')).graph
+    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert len(int8_weights) == sum(isinstance(m, nn.Conv2d) for m in model.modules())  # every convolution is INT8
+    assert {n.op_type for n in graph.node} >= {'QuantizeLinear', 'DequantizeLinear', 'Conv'}
+    fp32 = export_model(model, 'onnx', tmp_path / 's.onnx', example_input(64))
+    assert (tmp_path / 's8.onnx').stat().st_size < fp32.stat().st_size / 3.5
+    held_out = x[16:]  # images the calibration sample did not necessarily favour; the fixed check input
+    with torch.no_grad(): ref, got = model(held_out), run_exported(tmp_path / 's8.onnx', 'onnx-int8', held_out)
+    lesion = (ref > 0).float().mean().item()
+    assert 0.01 < lesion < 0.5 and not torch.allclose(got, ref, atol=1e-3)  # real masks, and the INT8 logits are not fp32's
+    assert mask_agreement(got, ref) >= 0.98
+
+
+def test_int8_export_refusals_are_one_line_and_leave_nothing(briefly_trained, tmp_path):
+    pytest.importorskip('onnxruntime', reason='onnxruntime is optional')
+    path, _, _, root = briefly_trained
+    out = tmp_path / 's8.onnx'
+    for extra, message in [([], '--format onnx-int8 needs --calib'), (['--calib', str(tmp_path / 'nothing')], 'nothing not found'),
+                           (['--calib', str(root / 'synth'), '--calib_count', '0'], '--calib_count is 0'),
+                           (['--calib', str(root / 'synth'), '--tol', '0'], 'INT8 masks differ from fp32 by 1 - Dice')]:
+        r = _cli('--weights', str(path), '--format', 'onnx-int8', '--out', str(out), *extra)
+        assert r.returncode == 1 and message in r.stderr and 'Traceback' not in r.stderr, (extra, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())  # no file, no temporary folder
+
+
+def test_int8_instructions_named_from_the_cpu_flags():
+    assert int8_instructions({'avx2', 'avx512f', 'avx512_vnni', 'amx_int8'}) == 'AMX-INT8'
+    assert int8_instructions({'avx2', 'avx_vnni'}) == 'AVX-VNNI' and int8_instructions({'avx2'}) == 'AVX2'
+    if os.uname().machine == 'x86_64': assert int8_instructions(set()) is None
 
 
 def test_weights_only_checkpoint_exports_and_old_full_checkpoints_still_load(tmp_path, student_ckpt):
