@@ -27,7 +27,7 @@ The first line printed names the CPU and the instructions PyTorch may use. `--is
 and MKL at AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS; Inductor follows ATen's cap): what
 an AVX2-only CPU runs, on this CPU's cores and caches.
 
-Usage: python benchmarks/models.py [--quick] [--rounds N] [--threads N] [--isa avx2|native] [--students-only]
+Usage: python benchmarks/models.py [--quick] [--rounds N] [--threads N] [--isa avx2|native] [--students-only | --no-students]
        [--student-size 96]   (smp is a benchmark-only dependency)
 """
 import argparse
@@ -202,6 +202,7 @@ def main(argv=None):
     p.add_argument('--isa', choices=tuple(ISA_CAPS), default='native',
                    help='cap the instructions PyTorch, oneDNN and MKL use (applied before PyTorch loads)')
     p.add_argument('--students-only', action='store_true', help='only the student table')
+    p.add_argument('--no-students', action='store_true', help='only the pairs against smp')
     p.add_argument('--student-size', type=int, default=256, help='input side of the student table (the ISIC CPU students run at 96)')
     a = p.parse_args(argv)
     if a.threads: torch.set_num_threads(a.threads)
@@ -215,7 +216,7 @@ def main(argv=None):
             rows.append(bench_pair(backbone, sep, a.rounds))
             print(f'  done {rows[-1]["model"]}', flush=True)
         print_table(rows)
-    print_students(bench_students(a.rounds, a.student_size), a.student_size)
+    if not a.no_students: print_students(bench_students(a.rounds, a.student_size), a.student_size)
 
 
 if __name__ == '__main__': main()

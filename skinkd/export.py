@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .cli import export_main
-from .core import SkinkdError, atomic_write
+from .core import SkinkdError, atomic_write, disk_error
 from .data import load_image, normalize, prepare_image
 from .metrics import predict_mask
 from .models import load_model, unwrap
@@ -207,16 +207,19 @@ def quantize_model(model: nn.Module, # a folded eval-mode model (`prepare_for_in
         raise SkinkdError('INT8 export needs calibration images: pass --calib with training images (a folder or glob)')
     _require('onnxruntime')
     from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
-    out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f'.{out.name}.') as tmp:  # removed on any error
-        fp32, pre, int8 = (Path(tmp) / n for n in ('fp32.onnx', 'pre.onnx', 'int8.onnx'))
-        _write_onnx(model, example, str(fp32))
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            quant_pre_process(str(fp32), str(pre))
-            quantize_static(str(pre), str(int8), _calibration_reader(calibration), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
-        return atomic_write(out, lambda f: f.write(int8.read_bytes()))
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f'.{out.name}.') as tmp:  # removed on any error
+            fp32, pre, int8 = (Path(tmp) / n for n in ('fp32.onnx', 'pre.onnx', 'int8.onnx'))
+            _write_onnx(model, example, str(fp32))
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                quant_pre_process(str(fp32), str(pre))
+                quantize_static(str(pre), str(int8), _calibration_reader(calibration), quant_format=QuantFormat.QDQ,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
+            return atomic_write(out, lambda f: f.write(int8.read_bytes()))
+    except OSError as e: raise disk_error(e, out) from None  # name the file the user asked for, not the temporary one
 
 # %% ../nbs/03a_export.ipynb #9d358d2c
 DEFAULT_TOL = {'onnx': 1e-3, 'torchscript': 1e-3, 'onnx-int8': 0.02}  # max abs logit difference; 1 - mask Dice for INT8

@@ -108,12 +108,14 @@ def test_an_evaluation_report_is_complete_or_absent(setup, mount):
     assert files_under(fs) == []
 
 
+@pytest.mark.parametrize('fmt', ['onnx', 'onnx-int8'])
 @pytest.mark.parametrize('fault', ['full', 'read_only'])
-def test_export_onto_a_faulty_disk(setup, mount, fault):
-    "Was: a C++ abort (exit 134) on a full disk, a traceback on a read-only one."
-    _, _, teacher = setup
+def test_export_onto_a_faulty_disk(setup, mount, fault, fmt):
+    "Was: a C++ abort (exit 134) on a full disk, a traceback on a read-only one. INT8 works in a temporary folder there."
+    d, _, teacher = setup
     fs = mount('fs', '64k', read_only=fault == 'read_only')
-    p = run(['skinkd_export', '--format', 'onnx', '--weights', str(teacher), '--out', str(fs / 'model.onnx')])
+    calib = ['--calib', str(d / 'syn'), '--calib_count', '4'] if fmt == 'onnx-int8' else []
+    p = run(['skinkd_export', '--format', fmt, '--weights', str(teacher), '--out', str(fs / 'model.onnx'), *calib])
     one_line_error(p, fs / 'model.onnx' if fault == 'full' else fs, FULL if fault == 'full' else READ_ONLY)
     assert files_under(fs) == []
 
