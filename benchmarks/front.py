@@ -25,12 +25,14 @@ from skinkd.evaluate import bootstrap_ci
 from skinkd.export import cpu_description
 
 
-def per_image_dice(run: Path, variant: str) -> np.ndarray:
-    "(seeds, images) test Dice of `variant` ('raw' or 'distill') from an experiment folder's per_image.csv."
-    with open(run / 'per_image.csv') as f: rows = list(csv.DictReader(f))
-    cols = sorted(k for k in rows[0] if k.endswith(f'/{variant}/dice') and k.startswith('seed'))
-    if not cols: sys.exit(f'{run}/per_image.csv has no {variant} columns; is {run} a finished skinkd_experiment folder?')
-    return np.array([[float(r[c]) for r in rows] for c in cols])
+def per_image_dice(run: Path, variant: str) -> tuple[list[str], np.ndarray]:
+    "(image ids, (seeds, images) test Dice of `variant` ('raw' or 'distill')) from an experiment folder's per_image.csv."
+    try:
+        with open(run / 'per_image.csv') as f: rows = list(csv.DictReader(f))
+    except OSError as e: sys.exit(f'cannot read {run}/per_image.csv ({e.strerror}); is {run} a finished skinkd_experiment folder?')
+    cols = sorted(k for k in (rows[0] if rows else {}) if k.endswith(f'/{variant}/dice') and k.startswith('seed'))
+    if not cols: sys.exit(f'{run}/per_image.csv has no {variant} rows; is {run} a finished skinkd_experiment folder?')
+    return [r['id'] for r in rows], np.array([[float(r[c]) for r in rows] for c in cols])
 
 
 def student_arch(run: Path) -> tuple[str, bool, int]:
@@ -48,14 +50,14 @@ def front_rows(runs: dict[str, Path]) -> list[dict]:
     "One row per student: its architecture and the Dice statistics of its experiment folder."
     rows, base = [], None
     for name, run in runs.items():
-        distilled, raw = per_image_dice(run, 'distill'), per_image_dice(run, 'raw')
-        base = distilled if base is None else base
-        if distilled.shape[1] != base.shape[1]: sys.exit(f'{run} was tested on {distilled.shape[1]} images, the first run on {base.shape[1]}: not the same test split')
+        (ids, distilled), (_, raw) = per_image_dice(run, 'distill'), per_image_dice(run, 'raw')
+        base = (ids, distilled) if base is None else base
+        if ids != base[0]: sys.exit(f'{run} was tested on other images than {rows[0]["run"]}: not the same test split')
         backbone, separable, size = student_arch(run)
         teacher = json.load(open(run / 'experiment.json'))['models']['teacher']['dice']
         rows.append(dict(name=name, run=str(run), teacher=teacher, backbone=backbone, separable=separable, size=size, seeds=distilled.shape[0],
                          distilled=mean_ci(distilled), raw=mean_ci(raw), gain=mean_ci(distilled - raw),
-                         vs_default=mean_ci(distilled.mean(0) - base.mean(0))))
+                         vs_default=mean_ci(distilled.mean(0) - base[1].mean(0))))
     return rows
 
 
@@ -107,7 +109,7 @@ def plot(rows: list[dict], size: int, path: Path, title: str):
             ax.axhline(t, color='grey', ls='--', lw=1); ax.annotate(f'teacher {t:.3f}', (0.01, t), xycoords=('axes fraction', 'data'),
                                                                     textcoords='offset points', xytext=(0, 3), fontsize=8, color='grey')
         ax.set_xlabel(xlabel); ax.grid(alpha=0.3)
-    axes[0].set_ylabel('test Dice (mean of 3 seeds, 95% CI)')
+    axes[0].set_ylabel(f"test Dice (mean of {rows[0]['seeds']} seeds, 95% CI)")
     axes[1].legend(fontsize=7, loc='lower right')
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(); path.parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=110)
@@ -121,6 +123,8 @@ def main(argv=None):
     p.add_argument('--sizes', type=int, nargs='+', default=None, help='latency input sizes (default: the working size and 256)')
     p.add_argument('--plot', type=Path, default=None, help='write the front figure here (PNG)')
     a = p.parse_args(argv)
+    bad = [r for r in a.runs if '=' not in r]
+    if bad: p.error(f'--runs {bad[0]!r}: write NAME=FOLDER, e.g. "ResNet-18=runs/isic2018"')
     runs = dict(r.split('=', 1) for r in a.runs)
     rows = front_rows({k: Path(v) for k, v in runs.items()})
     sizes = tuple(a.sizes or dict.fromkeys([rows[0]['size'], 256]))

@@ -12,5 +12,7 @@ ISA_CAPS = {'avx2': dict(ATEN_CPU_CAPABILITY='avx2', ONEDNN_MAX_CPU_ISA='AVX2', 
 
 
 def cap_isa(argv: list[str]):
-    "Apply `--isa NAME` from the command line to the environment; call it before importing torch."
-    if '--isa' in argv and argv.index('--isa') + 1 < len(argv): os.environ.update(ISA_CAPS.get(argv[argv.index('--isa') + 1], {}))
+    "Apply `--isa NAME` (or `--isa=NAME`) from the command line to the environment; call it before importing torch."
+    for i, a in enumerate(argv):
+        name = a.split('=', 1)[1] if a.startswith('--isa=') else argv[i + 1] if a == '--isa' and i + 1 < len(argv) else None
+        if name in ISA_CAPS: os.environ.update(ISA_CAPS[name])

@@ -201,10 +201,12 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch default)')
     p.add_argument('--isa', choices=tuple(ISA_CAPS), default='native',
                    help='cap the instructions PyTorch, oneDNN and MKL use (applied before PyTorch loads)')
-    p.add_argument('--students-only', action='store_true', help='only the student table')
-    p.add_argument('--no-students', action='store_true', help='only the pairs against smp')
+    which = p.add_mutually_exclusive_group()
+    which.add_argument('--students-only', action='store_true', help='only the student table')
+    which.add_argument('--no-students', action='store_true', help='only the pairs against smp')
     p.add_argument('--student-size', type=int, default=256, help='input side of the student table (the ISIC CPU students run at 96)')
     a = p.parse_args(argv)
+    if a.rounds < 3: p.error(f'--rounds is {a.rounds}; a median and a spread need at least 3')
     if a.threads: torch.set_num_threads(a.threads)
     pairs = [('resnet18', True), ('resnet101', True), ('mobilenet_v3_large', True)]
     if not a.quick: pairs += [('resnet18', False), ('resnet101', False)]

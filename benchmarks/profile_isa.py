@@ -70,15 +70,16 @@ def profile_phase(run, steps: int):
     return onednn_summary(cap.text), prof.key_averages()
 
 
-def print_phase(title: str, onednn: list, ops, top: int):
+def print_phase(title: str, onednn: list, ops, top: int, steps: int):
+    "oneDNN's kernels of one call, then PyTorch's operators by self time per call (averaged over `steps` calls)."
     print(f'\n--- {title}')
     total = sum(r[4] for r in onednn)
     print(f"oneDNN, one call: {total:.1f} ms in {sum(r[3] for r in onednn)} primitive executions")
     for prim, impl, direction, n, ms, layout in onednn[:top]:
         print(f'  {ms:8.2f} ms {n:4d}x  {prim:12} {impl:34} {direction:20} {layout}')
-    print(f'PyTorch operators by self CPU time ({ops[0].count if len(ops) else 0} calls of the first):')
+    print(f'PyTorch operators by self CPU time, per call (mean of {steps}):')
     rows = sorted(ops, key=lambda e: -e.self_cpu_time_total)[:top]
-    for e in rows: print(f'  {e.self_cpu_time_total / 1e3:8.1f} ms {e.count:5d}x  {e.key}')
+    for e in rows: print(f'  {e.self_cpu_time_total / 1e3 / steps:8.1f} ms {e.count / steps:6.0f}x  {e.key}')
 
 
 def main(argv=None):
@@ -101,12 +102,12 @@ def main(argv=None):
         def infer():
             with torch.inference_mode(): fast(x1)
         print_phase(f'{name} {a.backbone}: inference, batch 1, {a.size}px ({"compiled" if name == "skinkd" else "eager"})',
-                    *profile_phase(infer, a.steps), a.top)
+                    *profile_phase(infer, a.steps), a.top, a.steps)
         train = prepare_for_training(m.train()) if name == 'skinkd' else m.train()
         opt = torch.optim.SGD(train.parameters(), lr=1e-3, momentum=0.9)
         def step():
             opt.zero_grad(set_to_none=True); F.binary_cross_entropy_with_logits(train(xb), yb).backward(); opt.step()
-        print_phase(f'{name} {a.backbone}: training step, batch 4, {a.size}px', *profile_phase(step, a.steps), a.top)
+        print_phase(f'{name} {a.backbone}: training step, batch 4, {a.size}px', *profile_phase(step, a.steps), a.top, a.steps)
 
 
 if __name__ == '__main__': main()

@@ -2,8 +2,8 @@
 
 For each checkpoint (`--weights`, e.g. the distilled students of a `skinkd_experiment` folder) and the data of `--config`:
   1. exports fp32 ONNX and INT8 ONNX (`skinkd.export.export_model(..., 'onnx-int8')`: ONNX Runtime's static
-     quantizer, QDQ, per-channel int8 weights, uint8 activations), calibrated on `--calib_count` training images spread
-     over the training split (the same images `skinkd_export --calib` would read);
+     quantizer, QDQ, per-channel int8 weights, uint8 activations), calibrated on `--calib_count` images spread evenly
+     over the config's training split (read from its cache, at the working size the config gives);
   2. scores fp32 (PyTorch eager, BatchNorm folded) and INT8 (ONNX Runtime) on the test split at each image's original
      resolution, as `skinkd_evaluate` does, and reports the paired Dice drop with a 95% bootstrap CI, the largest drop
      on one image, and the agreement of the two models' masks;
@@ -25,7 +25,7 @@ import torch
 from skinkd.config import load_config, resolve_paths
 from skinkd.data import get_data
 from skinkd.evaluate import _to_input, binary_masks, bootstrap_ci, predict, score_model, trained_preprocessing
-from skinkd.export import (OnnxModel, compile_for_inference, cpu_description, export_model, int8_instructions,
+from skinkd.export import (OnnxModel, spread_pick, compile_for_inference, cpu_description, export_model, int8_instructions, masks_dice,
                            prepare_for_inference)
 from skinkd.models import load_model
 
@@ -34,19 +34,13 @@ from models import alternate_blocks, fmt_spread, infer_step, spread
 
 def calibration_from_cache(cache, count: int, normalize: bool) -> np.ndarray:
     "`count` training images spread evenly over the cached training split, as model inputs."
-    idx = np.linspace(0, len(cache.images) - 1, min(count, len(cache.images))).round().astype(int)
-    return _to_input(cache.images[idx], normalize).numpy()
+    return _to_input(cache.images[spread_pick(list(range(len(cache.images))), count)], normalize).numpy()
 
 
 def test_dice(model, cache, normalize: bool, e) -> np.ndarray:
     "Per-image test Dice of `model` at the original resolution, and its working-size logits' probabilities."
     probs = predict(model, cache, None, False, 8, normalize)
     return score_model(probs, cache, range(len(cache.images)), e.threshold, e.original_resolution)['dice'], probs
-
-
-def pooled_dice(a: np.ndarray, b: np.ndarray) -> float:
-    "Dice between two sets of binary masks, pooled over all their pixels."
-    return 2 * float((a & b).sum()) / max(1, int(a.sum()) + int(b.sum()))
 
 
 def bench_checkpoint(path: Path, data, cfg, calib_count: int, rounds: int, sizes, tmp: Path) -> dict:
@@ -64,7 +58,7 @@ def bench_checkpoint(path: Path, data, cfg, calib_count: int, rounds: int, sizes
     drop = d32 - d8
     row = dict(name=str(path), params=sum(p.numel() for p in model.parameters()), mb32=f32.stat().st_size / 1e6,
                mb8=f8.stat().st_size / 1e6, dice32=float(d32.mean()), dice8=float(d8.mean()), drop=(float(drop.mean()), *bootstrap_ci(drop)),
-               worst=float(drop.max()), agree=pooled_dice(binary_masks(p8, cfg.eval.threshold), binary_masks(p32, cfg.eval.threshold)),
+               worst=float(drop.max()), agree=masks_dice(binary_masks(p8, cfg.eval.threshold) > 0, binary_masks(p32, cfg.eval.threshold) > 0),
                n=len(d32))
     compiled, fp32_ort = compile_for_inference(eager), OnnxModel(f32)
     for size in sizes:

@@ -99,12 +99,14 @@ def _export_options(p):
                    help='export format: onnx and torchscript keep fp32; onnx-int8 is post-training INT8 for CPU deployment')
     p.add_argument('--out', required=True, help='output file, e.g. student.onnx')
     p.add_argument('--size', type=int, default=256, help='side of the check input in pixels (onnx-int8: the working size the checkpoint records)')
-    p.add_argument('--image', default=None, help='image for the check (default: a fixed pseudo-image; onnx-int8: 8 calibration images)')
+    p.add_argument('--image', default=None, help='image for the check (default: a fixed pseudo-image; onnx-int8: 8 training images '
+                                                 'the calibration did not use)')
     p.add_argument('--tol', type=float, default=None,
                    help='fail when the check exceeds this: the max abs logit difference (default 1e-3), or for onnx-int8 '
                         '1 - the Dice between INT8 and fp32 masks (default 0.02)')
     p.add_argument('--calib', nargs='+', metavar='PATH', default=None,
-                   help='onnx-int8: training images that calibrate activation ranges (files, folders of any layout, globs)')
+                   help="onnx-int8: training images that calibrate activation ranges (files, folders, globs; a dataset folder "
+                        "with official splits gives its training part); default: the checkpoint's own training split")
     p.add_argument('--calib_count', type=int, default=64, help='onnx-int8: how many calibration images to use, spread over --calib')
 
 @command('skinkd_train_teacher', 'Train the DeepLabV3+ teacher.', 'skinkd.teacher:train_teacher_command')

@@ -47,7 +47,7 @@ __all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'ISIC_PARTS', 'SPLITS', 'EXIF_ORIENTAT
            'prepare_image', 'prepare_pair', 'restore_original', 'file_checksum', 'write_manifest', 'verify_cache',
            'cache_key', 'SegCache', 'build_cache', 'normalize', 'denormalize', 'build_transforms', 'preprocessing',
            'SegDataset', 'item_seed', 'EpochSampler', 'seed_worker', 'build_loader', 'MixedLoader', 'mixed_loader',
-           'DataBundle', 'prepare_root', 'get_data', 'labels_csv']
+           'DataBundle', 'prepare_root', 'split_data', 'get_data', 'labels_csv']
 
 # %% ../nbs/01_data.ipynb #52f57b6a
 class Sample(NamedTuple):
@@ -811,15 +811,20 @@ def prepare_root(cfg: Config) -> Path:
         raise DataError(f'data folder {root} not found; set data.root, set data.synthetic_n > 0, or run skinkd_synth --out {root}')
     return root
 
+def split_data(cfg: Config) -> tuple[DataReport, dict[str, list[Sample]]]:
+    "Check the data `cfg` describes and split its usable pairs into train/val/test, as training does."
+    d, root = cfg.data, prepare_root(cfg)
+    report = check_data(root, d.layout, d.cache_dir)
+    return report, split_samples(usable_samples(report, d.skip_bad), d.val_fraction, d.test_fraction, d.split_seed,
+                                 d.split_file, d.groups_file, report.duplicates)
+
 def get_data(cfg: Config, # the resolved config
              batch_size: int | None = None, # training batch size (default: train.batch_size; the teacher may override it)
              unlabeled: bool = False, # mix images without masks into the training batches (the distilled student)
             ) -> DataBundle:
     "Check, split, cache and load the data described by `cfg` (paths resolved)."
-    d, root = cfg.data, prepare_root(cfg)
-    report = check_data(root, d.layout, d.cache_dir)
-    splits = split_samples(usable_samples(report, d.skip_bad), d.val_fraction, d.test_fraction, d.split_seed,
-                           d.split_file, d.groups_file, report.duplicates)
+    d = cfg.data
+    report, splits = split_data(cfg)
     splits['train'], unmasked = split_labeled(splits['train'], d.labeled_fraction, d.split_seed)
     if unlabeled and cfg.distill.unlabeled: unmasked += usable_samples(check_images(cfg.distill.unlabeled, d.cache_dir), d.skip_bad)
     caches = {k: build_cache(v, d.cache_dir, d.image_size, cfg.augment.mirror_pad, d.mask_resize) for k, v in splits.items() if v}

@@ -27,10 +27,11 @@ from .metrics import predict_mask
 from .models import load_model, unwrap
 
 # %% auto #0
-__all__ = ['FORMATS', 'ISA_NAMES', 'DEFAULT_TOL', 'export_cli', 'fold_batchnorm', 'freeze_for_cpu', 'CompiledForInference',
-           'compile_for_inference', 'prepare_for_inference', 'example_input', 'OnnxModel', 'export_model',
-           'run_exported', 'cpu_flags', 'int8_instructions', 'cpu_description', 'mask_agreement', 'calibration_inputs',
-           'quantize_model', 'checkpoint_calibration', 'export_checkpoint', 'export_command']
+__all__ = ['FORMATS', 'ISA_NAMES', 'DEFAULT_TOL', 'CHECK_IMAGES', 'export_cli', 'fold_batchnorm', 'freeze_for_cpu',
+           'CompiledForInference', 'compile_for_inference', 'prepare_for_inference', 'example_input', 'OnnxModel',
+           'export_model', 'run_exported', 'cpu_flags', 'int8_instructions', 'cpu_description', 'mask_agreement',
+           'masks_dice', 'spread_pick', 'calibration_inputs', 'quantize_model', 'training_images', 'calibration_files',
+           'int8_inputs', 'export_checkpoint', 'export_command']
 
 # %% ../nbs/03a_export.ipynb #380e8328
 def _conv_bn_pairs(parent: nn.Module):
@@ -176,9 +177,16 @@ def cpu_description() -> str:
 def mask_agreement(a: torch.Tensor, b: torch.Tensor, # logits of two models on the same images
                    threshold: float = 0.5) -> float:
     "Dice between the lesion masks of two models' logits, pooled over the batch (1.0 when both are empty)."
-    ma, mb = predict_mask(a, threshold), predict_mask(b, threshold)
-    total = (ma.sum() + mb.sum()).item()
-    return 1.0 if total == 0 else 2 * (ma & mb).sum().item() / total
+    return masks_dice(predict_mask(a, threshold), predict_mask(b, threshold))
+
+def masks_dice(a, b) -> float:
+    "Dice between two sets of binary masks (tensors or arrays), pooled over all their pixels (1.0 when both are empty)."
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2 * int((a & b).sum()) / total
+
+def spread_pick(items: list, count: int) -> list:
+    "`count` of `items`, spread evenly over the list (all of them when there are fewer)."
+    return [items[i * len(items) // count] for i in range(count)] if len(items) > count else list(items)
 
 def calibration_inputs(files: list, # image files, e.g. `skinkd.predict.image_files(['data/train'])`
                        size: int, # the model's working size
@@ -186,8 +194,7 @@ def calibration_inputs(files: list, # image files, e.g. `skinkd.predict.image_fi
                        count: int = 64, # images to use, spread evenly over `files`
                       ) -> np.ndarray:
     "(N,3,size,size) float32 model inputs of up to `count` of `files`, prepared exactly as for training."
-    picked = [files[round(i * len(files) / count)] for i in range(count)] if len(files) > count else list(files)
-    x = torch.stack([torch.tensor(prepare_image(load_image(f), size, mirror_pad)).permute(2, 0, 1) / 255 for f in picked])
+    x = torch.stack([torch.tensor(prepare_image(load_image(f), size, mirror_pad)).permute(2, 0, 1) / 255 for f in spread_pick(files, count)])
     return (normalize(x) if normalize_inputs else x).numpy().astype(np.float32)
 
 def _calibration_reader(inputs: np.ndarray):
@@ -223,29 +230,63 @@ def quantize_model(model: nn.Module, # a folded eval-mode model (`prepare_for_in
 
 # %% ../nbs/03a_export.ipynb #9d358d2c
 DEFAULT_TOL = {'onnx': 1e-3, 'torchscript': 1e-3, 'onnx-int8': 0.02}  # max abs logit difference; 1 - mask Dice for INT8
+CHECK_IMAGES = 8  # images the INT8 parity check runs on
 
-def checkpoint_calibration(ckpt: dict, calib: list, # image files, folders or globs (the training images)
-                           count: int = 64) -> np.ndarray:
-    "Calibration inputs for a checkpoint: `count` of the `calib` images, prepared as the checkpoint was trained."
-    from skinkd.evaluate import trained_preprocessing  # these chapters import this one
-    from skinkd.predict import image_files
+def training_images(ckpt: dict, weights: str | Path) -> list[Path]:
+    "The images of the training split `weights` was trained on (with masks or without), from the config it records."
+    from skinkd.config import Config, from_dict
+    from skinkd.data import split_data
+    fix = 'pass --calib with its training images (a folder or glob)'
+    recorded = (ckpt.get('extra') or {}).get('config')
+    if not recorded: raise SkinkdError(f'{weights} does not record the data it was trained on; {fix}')
+    try: cfg = from_dict(Config, recorded, 'config')
+    except (SkinkdError, ValueError, TypeError) as e: raise SkinkdError(f'{weights} records a config this skinkd cannot read ({e}); {fix}') from None
+    if not Path(cfg.data.root).exists() and cfg.data.synthetic_n == 0:
+        raise SkinkdError(f'{weights} was trained on {cfg.data.root}, which is not here; {fix}')
+    return [s.image for s in split_data(cfg)[1]['train']]
+
+def calibration_files(paths: list) -> list[Path]:
+    "The images `--calib` names: files, globs, and folders; a dataset folder with official splits gives its training part only."
+    from skinkd.data import image_samples
+    from skinkd.predict import image_files  # the predict chapter imports this one
+    files = []
+    for p in map(str, paths):
+        if Path(p).is_dir(): files += [s.image for s in image_samples(p) if s.split in (None, 'train')]
+        else: files += image_files([p])
+    return list(dict.fromkeys(Path(f).resolve() for f in files))
+
+def int8_inputs(ckpt: dict, weights: str | Path, calib: list | None, count: int = 64, image: str | Path | None = None):
+    "(calibration inputs, check inputs, what the check runs on) for an INT8 export, prepared as the checkpoint was trained."
+    from skinkd.evaluate import trained_preprocessing  # the evaluation chapter imports this one
     pre = trained_preprocessing(ckpt)
-    return calibration_inputs(image_files(calib), int(pre.get('data.image_size', 256)), bool(pre.get('augment.mirror_pad', True)),
-                              bool(pre.get('augment.normalize', True)), count)
+    if 'data.image_size' not in pre: raise SkinkdError(f'{weights} does not record its working size; re-save it with skinkd, or export fp32 (--format onnx)')
+    prep = dict(size=int(pre['data.image_size']), mirror_pad=bool(pre.get('augment.mirror_pad', True)),
+                normalize_inputs=bool(pre.get('augment.normalize', True)))
+    files = calibration_files(calib) if calib else training_images(ckpt, weights)
+    picked = spread_pick(files, count)
+    if image: checked, what = [image], str(image)
+    else:
+        rest = [f for f in files if f not in set(picked)]
+        checked = spread_pick(rest or picked, CHECK_IMAGES)
+        what = f"{len(checked)} {'other training' if rest else 'calibration'} images"
+    return calibration_inputs(picked, count=count, **prep), calibration_inputs(checked, count=CHECK_IMAGES, **prep), what
 
 def export_checkpoint(weights: str | Path, fmt: str, out: str | Path, size: int = 256,
                       image: str | Path | None = None,
-                      calib: list | None = None, # onnx-int8: training images (files, folders, globs)
+                      calib: list | None = None, # onnx-int8: training images (files, folders, globs); default: the checkpoint's own
                       calib_count: int = 64, # onnx-int8: how many of them calibrate
-                     ) -> float:
-    "Export a checkpoint's model and check it: the max abs logit difference to eager PyTorch (relative when logits exceed 1), or for INT8 1 - its mask agreement with fp32."
+                     ) -> tuple[float, str]:
+    "Export a checkpoint's model and check it: (the max abs logit difference to eager PyTorch, relative when logits exceed 1, or for INT8 1 - its mask agreement with fp32; what the check ran on)."
     model, ckpt = load_model(weights)
-    calibration = checkpoint_calibration(ckpt, calib, calib_count) if fmt == 'onnx-int8' and calib else None
-    x = example_input(size, image) if calibration is None or image else torch.from_numpy(calibration[:8])
-    path = export_model(model, fmt, out, x, calibration)
-    with torch.no_grad(): ref, got = model(x), run_exported(path, fmt, x)
-    if fmt == 'onnx-int8': return 1 - mask_agreement(got, ref)
-    return (got - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+    if fmt == 'onnx-int8': calibration, x, what = int8_inputs(ckpt, weights, calib, calib_count, image)
+    else: calibration, x, what = None, example_input(size, image), f"{image or 'a pseudo-image'} ({size}x{size})"
+    path = export_model(model, fmt, out, torch.from_numpy(x) if calibration is not None else x, calibration)
+    try:
+        x = torch.from_numpy(x) if calibration is not None else x
+        with torch.no_grad(): ref, got = model(x), run_exported(path, fmt, x)
+    except Exception as e: _reject(path, f'the exported model could not be run ({type(e).__name__}: {e})', 'report it with the model')
+    if fmt == 'onnx-int8': return 1 - mask_agreement(got, ref), what
+    return (got - ref).abs().max().item() / max(1.0, ref.abs().max().item()), what
 
 def _reject(out: str | Path, problem: str, fix: str):
     "Remove an export that failed its check, so no deployment picks it up, and say why."
@@ -257,18 +298,15 @@ def export_command(args: argparse.Namespace):
     tol = DEFAULT_TOL[args.format] if args.tol is None else args.tol
     if args.size < 16: raise SkinkdError(f'--size is {args.size}; the check input needs at least 16 pixels a side (default 256)')
     if tol < 0: raise SkinkdError(f'--tol is {tol}; it must be >= 0')
-    if args.format == 'onnx-int8' and not args.calib:
-        raise SkinkdError('--format onnx-int8 needs --calib: training images (a folder or glob) whose activation ranges calibrate the INT8 model')
     if args.calib_count < 1: raise SkinkdError(f'--calib_count is {args.calib_count}; calibrate on at least 1 image (default 64)')
-    diff = export_checkpoint(args.weights, args.format, args.out, args.size, args.image, args.calib, args.calib_count)
+    diff, what = export_checkpoint(args.weights, args.format, args.out, args.size, args.image, args.calib, args.calib_count)
     mb = Path(args.out).stat().st_size / 1e6
     if args.format == 'onnx-int8':
-        on = args.image or f'{min(8, args.calib_count)} calibration images'
-        print(f"wrote {args.out} (onnx-int8, {mb:.1f} MB); masks agree with fp32 on {on}: Dice {1 - diff:.4f}, 1 - Dice = {diff:.2e}")
+        print(f"wrote {args.out} (onnx-int8, {mb:.1f} MB); masks agree with fp32 on {what}: Dice {1 - diff:.4f}, 1 - Dice = {diff:.2e}")
         if diff > tol: _reject(args.out, f'INT8 masks differ from fp32 by 1 - Dice = {diff:.2e} > --tol {tol:g}', 'calibrate on more '
                                'training images (--calib_count), or export fp32 (--format onnx)')
         return
-    print(f"wrote {args.out} ({args.format}, {mb:.1f} MB); max abs diff vs eager PyTorch on {args.image or 'a pseudo-image'} ({args.size}x{args.size}): {diff:.2e}")
+    print(f"wrote {args.out} ({args.format}, {mb:.1f} MB); max abs diff vs eager PyTorch on {what}: {diff:.2e}")
     if diff > tol: _reject(args.out, f'exported model differs from eager PyTorch by {diff:.2e} > --tol {tol:g}', 'report it with the model')
 
 export_cli = export_main  # the console script: parses in skinkd.cli, then calls export_command

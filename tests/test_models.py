@@ -377,13 +377,13 @@ def test_atrous_rates_beyond_the_map_skip_only_padding(separable):
 
 @pytest.fixture(scope='module')
 def briefly_trained(tmp_path_factory):
-    "A separable ResNet-18 student trained for 40 steps on 16 synthetic images at 64 px (its masks are real, if rough), as a best.pt."
-    import torch.nn.functional as F
+    "A separable ResNet-18 student trained for 40 steps on the first 16 of 24 synthetic images at 64 px (its masks are real, if rough)."
     from skinkd.data import load_pair, normalize, prepare_pair, scan
     from skinkd.synthetic import make_synthetic
     root = tmp_path_factory.mktemp('int8')
     make_synthetic(root / 'synth', 24, 64, seed=3)
-    prepared = [prepare_pair(*load_pair(s), 64) for s in scan(root / 'synth')[1]]
+    samples = scan(root / 'synth')[1]
+    prepared = [prepare_pair(*load_pair(s), 64) for s in samples]
     x = normalize(torch.stack([torch.tensor(img).permute(2, 0, 1) / 255 for img, _ in prepared]))
     y = torch.stack([torch.tensor(m > 0).float()[None] for _, m in prepared])
     torch.manual_seed(0)
@@ -394,35 +394,56 @@ def briefly_trained(tmp_path_factory):
         idx = torch.randint(0, 16, (8,))
         opt.zero_grad(); torch.nn.functional.binary_cross_entropy_with_logits(model(x[idx]), y[idx]).backward(); opt.step()
     path = save_checkpoint(root / 'best.pt', model, cfg, 'student', preprocessing=dict(image_size=64, mirror_pad=True, normalize=True))
-    return path, model.eval(), x, root
+    return path, model.eval(), x, [s.image for s in samples], root
 
 
 def test_int8_export_masks_agree_with_fp32(briefly_trained, tmp_path):
     "skinkd_export --format onnx-int8: a real INT8 graph, 4x smaller, whose masks agree with fp32 within the default tolerance."
     onnx = pytest.importorskip('onnx', reason='onnx is optional'); pytest.importorskip('onnxruntime', reason='onnxruntime is optional')
-    path, model, x, root = briefly_trained
-    r = _cli('--weights', str(path), '--format', 'onnx-int8', '--out', str(tmp_path / 's8.onnx'), '--calib', str(root / 'synth' / '**' / '*.jpg'),
-             '--calib_count', '16')
+    path, model, x, files, root = briefly_trained
+    r = _cli('--weights', str(path), '--format', 'onnx-int8', '--out', str(tmp_path / 's8.onnx'), '--calib', *map(str, files[:16]),
+             '--calib_count', '8')
     assert r.returncode == 0, r.stderr
-    assert 'masks agree with fp32 on 8 calibration images' in r.stdout and float(r.stdout.split('1 - Dice = ')[1]) <= 0.02
+    assert 'masks agree with fp32 on 8 other training images' in r.stdout and float(r.stdout.split('1 - Dice = ')[1]) <= 0.02
     graph = onnx.load(str(tmp_path / 's8.onnx')).graph
     int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
     assert len(int8_weights) == sum(isinstance(m, nn.Conv2d) for m in model.modules())  # every convolution is INT8
     assert {n.op_type for n in graph.node} >= {'QuantizeLinear', 'DequantizeLinear', 'Conv'}
     fp32 = export_model(model, 'onnx', tmp_path / 's.onnx', example_input(64))
     assert (tmp_path / 's8.onnx').stat().st_size < fp32.stat().st_size / 3.5
-    held_out = x[16:]  # images the calibration sample did not necessarily favour; the fixed check input
+    held_out = x[16:]  # images neither the training nor the calibration saw: the fixed check input
     with torch.no_grad(): ref, got = model(held_out), run_exported(tmp_path / 's8.onnx', 'onnx-int8', held_out)
     lesion = (ref > 0).float().mean().item()
     assert 0.01 < lesion < 0.5 and not torch.allclose(got, ref, atol=1e-3)  # real masks, and the INT8 logits are not fp32's
     assert mask_agreement(got, ref) >= 0.98
 
 
+def test_int8_export_calibrates_on_the_training_split_it_records(tmp_path):
+    "Without --calib, the images of the split the checkpoint was trained on, from the config it records; never the test split."
+    from skinkd.config import Config
+    from skinkd.data import split_data
+    from skinkd.export import int8_inputs, training_images
+    from skinkd.synthetic import make_synthetic
+    from dataclasses import asdict, replace
+    make_synthetic(tmp_path / 'syn', 30, 48, seed=1)
+    cfg = Config()
+    cfg = replace(cfg, data=replace(cfg.data, root=str(tmp_path / 'syn'), image_size=48, cache_dir=str(tmp_path / 'cache')))
+    ckpt = dict(extra=dict(config=asdict(cfg)), preprocessing=dict(image_size=48, mirror_pad=True, normalize=True))
+    splits = split_data(cfg)[1]
+    assert {p.resolve() for p in training_images(ckpt, 'best.pt')} == {s.image.resolve() for s in splits['train']}
+    calib, check, what = int8_inputs(ckpt, 'best.pt', None, count=8)
+    assert calib.shape == (8, 3, 48, 48) and check.shape[1:] == (3, 48, 48) and what.endswith('other training images')
+    with pytest.raises(SkinkdError, match='does not record the data it was trained on; pass --calib'):
+        training_images({'extra': {}}, 'old.pt')
+    with pytest.raises(SkinkdError, match='which is not here; pass --calib'):
+        training_images(dict(extra=dict(config=asdict(replace(cfg, data=replace(cfg.data, root=str(tmp_path / 'gone')))))), 'moved.pt')
+
+
 def test_int8_export_refusals_are_one_line_and_leave_nothing(briefly_trained, tmp_path):
     pytest.importorskip('onnxruntime', reason='onnxruntime is optional')
-    path, _, _, root = briefly_trained
+    path, _, _, _, root = briefly_trained
     out = tmp_path / 's8.onnx'
-    for extra, message in [([], '--format onnx-int8 needs --calib'), (['--calib', str(tmp_path / 'nothing')], 'nothing not found'),
+    for extra, message in [([], 'does not record the data it was trained on; pass --calib'), (['--calib', str(tmp_path / 'nothing')], 'nothing not found'),
                            (['--calib', str(root / 'synth'), '--calib_count', '0'], '--calib_count is 0'),
                            (['--calib', str(root / 'synth'), '--tol', '0'], 'INT8 masks differ from fp32 by 1 - Dice')]:
         r = _cli('--weights', str(path), '--format', 'onnx-int8', '--out', str(out), *extra)
@@ -445,7 +466,7 @@ def test_weights_only_checkpoint_exports_and_old_full_checkpoints_still_load(tmp
     stored = torch.load(best, weights_only=True)
     assert not {'optimizer', 'scheduler', 'scaler'} & set(stored) and best.stat().st_size < full.stat().st_size / 1.5
     for path in (best, full):
-        assert export_checkpoint(path, 'onnx', tmp_path / f'{path.stem}.onnx', size=32) < 1e-3
+        assert export_checkpoint(path, 'onnx', tmp_path / f'{path.stem}.onnx', size=32)[0] < 1e-3
     old = load_checkpoint(full)  # an older file: every key, and no preprocessing
     assert old['optimizer'] is not None and old['preprocessing'] is None and load_checkpoint(best)['preprocessing'] == {'image_size': 32}
 
