@@ -6,6 +6,7 @@ For every student the script reads the per-image test Dice of its seeds (`per_im
   - the distilled and raw students' Dice (mean over seeds) with a 95% bootstrap CI over test images (seeds of an image
     kept together), and distilled - raw;
   - distilled Dice against the first student's (the default), paired on the same images, with its CI;
+  - the distilled students' best validation Dice (mean over seeds): the number to choose a student by;
   - parameters, MACs and batch-1 CPU latency (compiled and eager: `benchmarks/models.py`'s student measurement, median
     and IQR over alternated rounds) at the students' working size and at 256 px.
 It prints a markdown table and draws the front (`--plot`): Dice against compiled latency and against parameters.
@@ -54,8 +55,9 @@ def front_rows(runs: dict[str, Path]) -> list[dict]:
         base = (ids, distilled) if base is None else base
         if ids != base[0]: sys.exit(f'{run} was tested on other images than {rows[0]["run"]}: not the same test split')
         backbone, separable, size = student_arch(run)
-        teacher = json.load(open(run / 'experiment.json'))['models']['teacher']['dice']
-        rows.append(dict(name=name, run=str(run), teacher=teacher, backbone=backbone, separable=separable, size=size, seeds=distilled.shape[0],
+        models = json.load(open(run / 'experiment.json'))['models']
+        val = [m['best_val_dice'] for k, m in models.items() if k.endswith('/distill')]
+        rows.append(dict(name=name, run=str(run), teacher=models['teacher']['dice'], val=float(np.mean(val)), backbone=backbone, separable=separable, size=size, seeds=distilled.shape[0],
                          distilled=mean_ci(distilled), raw=mean_ci(raw), gain=mean_ci(distilled - raw),
                          vs_default=mean_ci(distilled.mean(0) - base[1].mean(0))))
     return rows
@@ -77,13 +79,13 @@ def pts(x): return f'{100 * x:+.1f}'
 def markdown(rows: list[dict], sizes) -> str:
     "The front as a markdown table."
     head = (['student', 'params M'] + [f'GMACs at {s}' for s in sizes] + [f'compiled ms at {s}' for s in sizes] +
-            ['distilled Dice (95% CI)', 'raw Dice', 'distilled - raw', f"vs {rows[0]['name']}"])
+            ['distilled val Dice', 'distilled test Dice (95% CI)', 'raw test Dice', 'distilled - raw', f"vs {rows[0]['name']}"])
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
         d, g, v = r['distilled'], r['gain'], r['vs_default']
         cells = ([r['name'], f"{r['params'] / 1e6:.2f}"] + [f"{r[f'macs_{s}'] / 1e9:.2f}" for s in sizes] +
                  [f"{1e3 * r[f'compiled_{s}'][0]:.1f} ({1e3 * r[f'compiled_{s}'][1]:.1f}-{1e3 * r[f'compiled_{s}'][2]:.1f})" for s in sizes] +
-                 [f'{d[0]:.4f} ({d[1]:.4f}-{d[2]:.4f})', f"{r['raw'][0]:.4f}", f'{pts(g[0])} ({pts(g[1])} to {pts(g[2])})',
+                 [f"{r['val']:.4f}", f'{d[0]:.4f} ({d[1]:.4f}-{d[2]:.4f})', f"{r['raw'][0]:.4f}", f'{pts(g[0])} ({pts(g[1])} to {pts(g[2])})',
                   '–' if r is rows[0] else f'{pts(v[0])} ({pts(v[1])} to {pts(v[2])})'])
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
