@@ -139,12 +139,12 @@ def bench_pair(backbone, separable, rounds, size=256, batch=4):
 
 def print_table(rows):
     "The results as a text table with skinkd/smp ratios (median, interquartile range), then the target check on the separable rows."
-    print(f"\n{'model':22} {'params M':>15} {'GMACs':>13} | latency ms, median (IQR): {'compiled':>18} {'frozen':>18} {'eager':>18} "
-          f"{'smp':>18} | speed x (compiled) {'':12} | train img/s: {'skinkd':>18} {'smp':>18} | {'speed x':>18} {'per MAC':>7}")
+    print(f"\n{'model':22} {'params M':>15} {'GMACs':>13} | latency ms, median (IQR): {'compiled':>20} {'frozen':>20} {'eager':>20} "
+          f"{'smp':>20} | speed x (compiled) {'':12} | train img/s: {'skinkd':>18} {'smp':>18} | {'speed x':>18} {'per MAC':>7}")
     for r in rows:
         (pa, pb), (ma, mb) = r['params'], r['macs']
         print(f"{r['model']:22} {pa / 1e6:6.2f} / {pb / 1e6:6.2f} {ma / 1e9:5.2f} / {mb / 1e9:5.2f} | {'':27}"
-              + ''.join(f'{fmt_spread(s, 1e3):>19}' for s in r['infer'])
+              + ''.join(f'{fmt_spread(s, 1e3):>21}' for s in r['infer'])
               + f" | {fmt_spread(r['infer_ratio'][0], digits=2, unit='x'):>31}"
               + f" | {'':12}" + ''.join(f'{fmt_spread(s, digits=2):>19}' for s in r['train'])
               + f" | {fmt_spread(r['train_ratio'], digits=2, unit='x'):>18} {r['train_ratio'][0] * ma / mb:6.2f}x")

@@ -252,7 +252,7 @@ class Config:
     data: DataConfig = opt(DataConfig())
     augment: AugmentConfig = opt(AugmentConfig())
     teacher: ModelConfig = opt(ModelConfig(backbone='resnet101'))
-    student: ModelConfig = opt(ModelConfig(backbone='resnet18'))
+    student: ModelConfig = opt(ModelConfig(backbone='resnet18', aspp_separable=True))  # the front in 03_models chose it
     train: TrainConfig = opt(TrainConfig())
     distill: DistillConfig = opt(DistillConfig())
     eval: EvalConfig = opt(EvalConfig())

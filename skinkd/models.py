@@ -22,12 +22,13 @@ from .config import ConfigError, ModelConfig, SkinkdError, atomic_write, from_di
 from .core import ENCODERS, check_free_space
 
 # %% auto #0
-__all__ = ['IMAGENET_WEIGHTS', 'CHECKPOINT_KEYS', 'RESUME_KEYS', 'OPTIONAL_KEYS', 'ROLES', 'dilate_stage', 'Encoder', 'encoder',
-           'stage_rates', 'ResNetBackbone', 'PretrainedError', 'imagenet_state_dict', 'state_mismatch',
-           'read_state_dict', 'load_backbone_weights', 'aspp_rates', 'AtrousConv2d', 'conv_bn_relu', 'ImagePooling',
-           'ASPP', 'Decoder', 'DeepLabV3Plus', 'build_model', 'MobileNetV3Encoder', 'count_params', 'count_macs',
-           'CheckpointError', 'to_loadable', 'tensor_bytes', 'atomic_save', 'unwrap', 'save_checkpoint', 'is_resumable',
-           'load_checkpoint', 'describe_model_config', 'load_weights', 'load_model', 'prepare_for_training']
+__all__ = ['IMAGENET_WEIGHTS', 'BN_MOMENTUM', 'CHECKPOINT_KEYS', 'RESUME_KEYS', 'OPTIONAL_KEYS', 'ROLES', 'dilate_stage',
+           'Encoder', 'encoder', 'stage_rates', 'ResNetBackbone', 'PretrainedError', 'imagenet_state_dict',
+           'state_mismatch', 'read_state_dict', 'load_backbone_weights', 'aspp_rates', 'AtrousConv2d', 'conv_bn_relu',
+           'ImagePooling', 'ASPP', 'Decoder', 'DeepLabV3Plus', 'build_model', 'MobileNetV3Encoder', 'count_params',
+           'count_macs', 'CheckpointError', 'to_loadable', 'tensor_bytes', 'atomic_save', 'unwrap', 'save_checkpoint',
+           'is_resumable', 'load_checkpoint', 'describe_model_config', 'load_weights', 'load_model',
+           'prepare_for_training']
 
 # %% ../nbs/03_models.ipynb #8cd709b6
 def dilate_stage(stage: nn.Sequential, # a stage of blocks (ResNet layer3/layer4, a MobileNetV3 stage)
@@ -278,6 +279,8 @@ def build_model(mcfg: ModelConfig # a `teacher` or `student` config section
                          mcfg.aspp_separable, mcfg.dropout)
 
 # %% ../nbs/03_models.ipynb #ff695bac
+BN_MOMENTUM = 0.1  # PyTorch's default, as the ResNets and the DeepLabV3+ head use
+
 @encoder(mobilenet_v3_large='MobileNet_V3_Large_Weights.IMAGENET1K_V1')
 class MobileNetV3Encoder(Encoder):
     "torchvision's MobileNetV3-Large features as four stages (strides 4, 8, 16, 32), dilated to `output_stride`."
@@ -292,6 +295,8 @@ class MobileNetV3Encoder(Encoder):
         r3, r4 = stage_rates(output_stride)
         if r3 > 1: dilate_stage(self.layer3, r3, r3)
         dilate_stage(self.layer4, r4, r4)
+        for bn in (m for m in self.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.momentum = BN_MOMENTUM  # torchvision's 0.01 suits ImageNet's long schedule, not a few hundred steps
         self.name, self.output_stride = name, output_stride
         self.channels = tuple(s[-1].out_channels for s in (self.layer1, self.layer2, self.layer3, self.layer4))
 
