@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import glob
 import os
 import platform
 import tempfile
@@ -23,15 +24,14 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .cli import export_main
 from .core import SkinkdError, atomic_write, disk_error
 from .data import load_image, normalize, prepare_image
-from .metrics import predict_mask
 from .models import load_model, unwrap
 
 # %% auto #0
 __all__ = ['FORMATS', 'ISA_NAMES', 'DEFAULT_TOL', 'CHECK_IMAGES', 'export_cli', 'fold_batchnorm', 'freeze_for_cpu',
            'CompiledForInference', 'compile_for_inference', 'prepare_for_inference', 'example_input', 'OnnxModel',
            'export_model', 'run_exported', 'cpu_flags', 'int8_instructions', 'cpu_description', 'mask_agreement',
-           'masks_dice', 'spread_pick', 'calibration_inputs', 'quantize_model', 'training_images', 'calibration_files',
-           'int8_inputs', 'export_checkpoint', 'export_command']
+           'lesion_masks', 'masks_dice', 'spread_pick', 'calibration_inputs', 'quantize_model', 'training_images',
+           'calibration_files', 'int8_inputs', 'export_checkpoint', 'export_command']
 
 # %% ../nbs/03a_export.ipynb #380e8328
 def _conv_bn_pairs(parent: nn.Module):
@@ -177,7 +177,11 @@ def cpu_description() -> str:
 def mask_agreement(a: torch.Tensor, b: torch.Tensor, # logits of two models on the same images
                    threshold: float = 0.5) -> float:
     "Dice between the lesion masks of two models' logits, pooled over the batch (1.0 when both are empty)."
-    return masks_dice(predict_mask(a, threshold), predict_mask(b, threshold))
+    return masks_dice(lesion_masks(a, threshold), lesion_masks(b, threshold))
+
+def lesion_masks(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    "(N,H,W) lesion masks from (N,C,H,W) logits: sigmoid > threshold for one channel, argmax != 0 for several (as `05_metrics` scores them)."
+    return torch.sigmoid(logits[:, 0].float()) > threshold if logits.shape[1] == 1 else logits.argmax(1) != 0
 
 def masks_dice(a, b) -> float:
     "Dice between two sets of binary masks (tensors or arrays), pooled over all their pixels (1.0 when both are empty)."
@@ -247,21 +251,21 @@ def training_images(ckpt: dict, weights: str | Path) -> list[Path]:
 
 def calibration_files(paths: list) -> list[Path]:
     "The images `--calib` names: files, globs, and folders; a dataset folder with official splits gives its training part only."
-    from skinkd.data import image_samples
-    from skinkd.predict import image_files  # the predict chapter imports this one
+    from skinkd.data import IMAGE_EXTS, image_samples
     files = []
     for p in map(str, paths):
         if Path(p).is_dir(): files += [s.image for s in image_samples(p) if s.split in (None, 'train')]
-        else: files += image_files([p])
+        elif Path(p).is_file(): files.append(Path(p))
+        elif any(c in p for c in '*?['): files += [Path(f) for f in sorted(glob.glob(p, recursive=True)) if Path(f).suffix.lower() in IMAGE_EXTS]
+        else: raise SkinkdError(f'--calib {p} not found; pass training images: files, folders or globs such as "train/*.jpg"')
+    if not files: raise SkinkdError(f"--calib {' '.join(map(str, paths))} holds no images; skinkd reads {', '.join(IMAGE_EXTS)} files")
     return list(dict.fromkeys(Path(f).resolve() for f in files))
 
 def int8_inputs(ckpt: dict, weights: str | Path, calib: list | None, count: int = 64, image: str | Path | None = None):
     "(calibration inputs, check inputs, what the check runs on) for an INT8 export, prepared as the checkpoint was trained."
-    from skinkd.evaluate import trained_preprocessing  # the evaluation chapter imports this one
-    pre = trained_preprocessing(ckpt)
-    if 'data.image_size' not in pre: raise SkinkdError(f'{weights} does not record its working size; re-save it with skinkd, or export fp32 (--format onnx)')
-    prep = dict(size=int(pre['data.image_size']), mirror_pad=bool(pre.get('augment.mirror_pad', True)),
-                normalize_inputs=bool(pre.get('augment.normalize', True)))
+    pre = ckpt.get('preprocessing') or {}  # how training prepared its inputs (`skinkd.data.preprocessing`)
+    if 'image_size' not in pre: raise SkinkdError(f'{weights} does not record its working size (an older checkpoint); export fp32 (--format onnx)')
+    prep = dict(size=int(pre['image_size']), mirror_pad=bool(pre.get('mirror_pad', True)), normalize_inputs=bool(pre.get('normalize', True)))
     files = calibration_files(calib) if calib else training_images(ckpt, weights)
     picked = spread_pick(files, count)
     if image: checked, what = [image], str(image)
