@@ -192,7 +192,7 @@ def spread_pick(items: list, count: int) -> list:
     "`count` of `items`, spread evenly over the list (all of them when there are fewer)."
     return [items[i * len(items) // count] for i in range(count)] if len(items) > count else list(items)
 
-def calibration_inputs(files: list, # image files, e.g. `skinkd.predict.image_files(['data/train'])`
+def calibration_inputs(files: list, # image files, e.g. from `calibration_files` below
                        size: int, # the model's working size
                        mirror_pad: bool = True, normalize_inputs: bool = True, # as the model was trained
                        count: int = 64, # images to use, spread evenly over `files`
@@ -282,11 +282,12 @@ def export_checkpoint(weights: str | Path, fmt: str, out: str | Path, size: int 
                      ) -> tuple[float, str]:
     "Export a checkpoint's model and check it: (the max abs logit difference to eager PyTorch, relative when logits exceed 1, or for INT8 1 - its mask agreement with fp32; what the check ran on)."
     model, ckpt = load_model(weights)
-    if fmt == 'onnx-int8': calibration, x, what = int8_inputs(ckpt, weights, calib, calib_count, image)
+    if fmt == 'onnx-int8':
+        calibration, x, what = int8_inputs(ckpt, weights, calib, calib_count, image)
+        x = torch.from_numpy(x)
     else: calibration, x, what = None, example_input(size, image), f"{image or 'a pseudo-image'} ({size}x{size})"
-    path = export_model(model, fmt, out, torch.from_numpy(x) if calibration is not None else x, calibration)
+    path = export_model(model, fmt, out, x, calibration)
     try:
-        x = torch.from_numpy(x) if calibration is not None else x
         with torch.no_grad(): ref, got = model(x), run_exported(path, fmt, x)
     except Exception as e: _reject(path, f'the exported model could not be run ({type(e).__name__}: {e})', 'report it with the model')
     if fmt == 'onnx-int8': return 1 - mask_agreement(got, ref), what
