@@ -13,7 +13,9 @@ ResNet-101, separable and standard, and the separable MobileNetV3-Large student 
   - training throughput, batch 4, 256x256, SGD step on BCE (skinkd: channels_last, the train.channels_last default).
 The student table then compares every student skinkd can build (ResNet-18 and MobileNetV3-Large, standard and
 separable ASPP/decoder) against the default student: parameters, MACs, compiled and eager latency at batch 1 and
-`--student-size` pixels, and training throughput.
+`--student-size` pixels, eager latency under bf16 autocast and its speed-up over fp32 eager (alternated in blocks of
+calls before anything is compiled; large only on a CPU that multiplies bf16 natively, see nbs/06_learner.ipynb), and
+training throughput.
 
 Every measurement alternates the models in one process, round after round (the order reversed every other round), so
 that machine noise hits them alike. Times are the median over `--rounds` rounds with the interquartile range; each
@@ -60,6 +62,12 @@ def smp_model(backbone, separable):
 def infer_step(model, x):
     "One timed inference call."
     with torch.inference_mode():
+        t = time.perf_counter(); model(x); return time.perf_counter() - t
+
+
+def infer_step_bf16(model, x):
+    "One timed inference call under bf16 autocast (the convolutions in bf16, the weights fp32)."
+    with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16):
         t = time.perf_counter(); model(x); return time.perf_counter() - t
 
 
@@ -164,12 +172,19 @@ def bench_students(rounds, size=256, batch=4):
     rows = {k: dict(model=k, params=count_params(m), macs=count_macs(m, size)) for k, m in models.items()}
     x1, xb = torch.randn(1, 3, size, size), torch.randn(batch, 3, size, size)
     yb = (torch.rand(batch, 1, size, size) > 0.5).float()
-    compiled = {k: prepare_for_inference(m, compile=True) for k, m in models.items()}
     eager = {k: prepare_for_inference(m) for k, m in models.items()}
+    n = len(models)
+    # bf16 against fp32 (eager), in blocks of calls, before anything is compiled: once Inductor has compiled a model in
+    # the process, eager bf16 calls run ~25% slower (8.6 -> 10.9 ms for the default student at 96 px), fp32 ones do not
+    t = alternate_blocks([(lambda e=e: infer_step(e, x1)) for e in eager.values()] +
+                         [(lambda e=e: infer_step_bf16(e, x1)) for e in eager.values()], rounds)
+    for i, k in enumerate(models):
+        rows[k]['bf16'] = spread(t[:, n + i])
+        rows[k]['bf16_speedup'] = spread(t[:, i] / t[:, n + i])  # bf16 eager against fp32 eager, per round
+    compiled = {k: prepare_for_inference(m, compile=True) for k, m in models.items()}
     for k, c in compiled.items(): rows[k]['compile_s'] = infer_step(c, x1)
     t = alternate([(lambda c=c: infer_step(c, x1)) for c in compiled.values()] +
                   [(lambda e=e: infer_step(e, x1)) for e in eager.values()], rounds)
-    n = len(models)
     for i, k in enumerate(models):
         rows[k]['infer'] = (spread(t[:, i]), spread(t[:, n + i]))
         rows[k]['infer_speedup'] = spread(t[:, 0] / t[:, i])  # against the first (default) student, per round
@@ -186,11 +201,12 @@ def print_students(rows, size):
     "The student table, with speed ratios against the first row (the default ResNet-18 student)."
     base = rows[0]
     print(f"\nstudents at {size}x{size} (batch 1 latency, batch 4 training), median (IQR); speed x the {base['model']} student")
-    print(f"{'student':24} {'params M':>8} {'GMACs':>6} {'compiled ms':>18} {'eager ms':>18} {'train img/s':>18} | "
-          f"{'compiled speed':>20} {'train speed':>20}")
+    print(f"{'student':24} {'params M':>8} {'GMACs':>6} {'compiled ms':>18} {'eager ms':>18} {'bf16 eager ms':>18} "
+          f"{'bf16 x fp32 eager':>20} {'train img/s':>18} | {'compiled speed':>20} {'train speed':>20}")
     for r in rows:
         print(f"{r['model']:24} {r['params'] / 1e6:8.2f} {r['macs'] / 1e9:6.2f} {fmt_spread(r['infer'][0], 1e3):>18} "
-              f"{fmt_spread(r['infer'][1], 1e3):>18} {fmt_spread(r['train'], digits=2):>18} | "
+              f"{fmt_spread(r['infer'][1], 1e3):>18} {fmt_spread(r['bf16'], 1e3):>18} "
+              f"{fmt_spread(r['bf16_speedup'], digits=2, unit='x'):>20} {fmt_spread(r['train'], digits=2):>18} | "
               f"{fmt_spread(r['infer_speedup'], digits=2, unit='x'):>20} {fmt_spread(r['train_speedup'], digits=2, unit='x'):>20}")
 
 

@@ -1,80 +1,147 @@
-"""What does distillation cost? One distillation step against its parts, measured in one process.
+"""What do precision and distillation cost? Training steps and inference, fp32 against bf16, in one process.
 
-    python benchmarks/training.py [--size 256] [--batch 4] [--repeats 5] [--threads N]
+    python benchmarks/training.py [--size 96] [--batch 16] [--repeats 4] [--threads N] [--amp auto|none|bf16]
+                                  [--isa avx2|avx512|native] [--no-distill-cost]
 
-Times, alternated so that machine noise hits every variant alike (best of `repeats`):
-- student step: forward + backward + optimiser step of the ResNet-18 DeepLabV3+ (the raw baseline's step);
-- teacher forward: the frozen ResNet-101 teacher as distillation runs it (inference mode, BN folded, channels_last);
-- distillation step: the real `DistillTask` (default terms: ASPP and decoder hints + logit KD) + backward + step.
-- distillation step with as many unlabelled images again (`batch['unlabeled']`, as `distill.unlabeled` batches are):
-  the extra time per unlabelled image against the time per masked image of the plain distillation step.
-Targets: distillation step <= 1.15 x (student step + teacher forward); an unlabelled image <= 1.2 x a masked one.
+1. Precision. Each workload runs in fp32 and under bf16 autocast, alternated round after round so that machine noise
+   hits both alike (best of `--repeats`); the table gives the bf16 speed-up and what `--amp` picks on this machine
+   (`skinkd.learner.resolve_precision`: `auto` is bf16 only where the CPU multiplies it natively):
+   - student step: forward + BCE-Dice + backward + SGD step of the default student (the raw baseline's step);
+   - teacher step: the same for the ResNet-101 teacher;
+   - distillation step: the real `DistillTask` (default terms: ASPP and decoder hints + logit KD) with the frozen
+     teacher, + backward + step;
+   - teacher forward: the frozen teacher alone on the same batch (inference mode, BN folded, channels_last);
+   - student inference: batch 1, BN folded, channels_last (what `skinkd_predict` runs).
+   `--isa avx2` caps PyTorch, oneDNN and MKL at AVX2 (`isa.py`): `auto` then picks fp32, and the bf16 column shows
+   what forcing bf16 would cost there.
+2. Distillation cost, in the precision `--amp` picks: distillation step <= 1.15 x (student step + teacher forward);
+   an unlabelled image (`batch['unlabeled']`, as `distill.unlabeled` batches are) <= 1.2 x a masked one.
 """
 import argparse
+import sys
 import time
 
-import torch
+from isa import cap_isa
 
-from skinkd.config import Config
-from skinkd.distill import DistillTask, freeze
-from skinkd.learner import SegTask
-from skinkd.losses import DistillationLoss, SegLoss
-from skinkd.models import DeepLabV3Plus
+if __name__ == '__main__': cap_isa(sys.argv)
+
+import torch  # noqa: E402
+
+from skinkd.config import Config  # noqa: E402
+from skinkd.distill import DistillTask, freeze  # noqa: E402
+from skinkd.export import cpu_description  # noqa: E402
+from skinkd.learner import PRECISION_NAMES, SegTask, autocast, resolve_precision  # noqa: E402
+from skinkd.losses import DistillationLoss, SegLoss  # noqa: E402
+from skinkd.models import DeepLabV3Plus  # noqa: E402
+
+CPU = torch.device('cpu')
 
 
-def step_fn(task, model, params, batch):
-    """One optimisation step of `task` on `batch`."""
+def train_step(task, model, params, batch, amp: str):
+    """One optimisation step of `task` on `batch`, the networks under `amp` (as `Learner.train_step` runs it)."""
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     def step():
-        loss, _ = task.loss(model, batch)
-        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        with autocast(CPU, amp):
+            loss, _ = task.loss(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     return step
 
 
-def best_time(fn, repeats: int) -> float:
-    """Best wall time of `fn` over `repeats` calls."""
-    times = []
+def forward(fn, amp: str):
+    """`fn()` without autograd, under `amp`."""
+    def run():
+        with torch.inference_mode(), autocast(CPU, amp):
+            fn()
+    return run
+
+
+def workloads(size: int, batch_size: int):
+    """{name: amp -> callable} for the five workloads, on one shared set of models and batches."""
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    cfg = Config()
+    batch = {'image': torch.randn(batch_size, 3, size, size).contiguous(memory_format=cl),
+             'mask': (torch.rand(batch_size, 1, size, size) > 0.5).float()}
+    student = DeepLabV3Plus(cfg.student.backbone, aspp_separable=cfg.student.aspp_separable).train().to(memory_format=cl)
+    teacher_net = DeepLabV3Plus(cfg.teacher.backbone).train().to(memory_format=cl)
+    frozen = freeze(DeepLabV3Plus(cfg.teacher.backbone), channels_last=True)
+    deployed = freeze(student, channels_last=True)
+    kd = DistillationLoss(cfg.distill.terms, student.tap_channels, frozen.tap_channels)
+    seg = SegLoss()
+    distil = DistillTask(seg, kd, frozen, [t.tap for t in cfg.distill.terms])
+    one = batch['image'][:1]
+    mixed = {**batch, 'unlabeled': torch.randn_like(batch['image'])}
+    return {
+        'student step': lambda amp: train_step(SegTask(seg), student, student.parameters(), batch, amp),
+        'teacher step': lambda amp: train_step(SegTask(seg), teacher_net, teacher_net.parameters(), batch, amp),
+        'distillation step': lambda amp: train_step(distil, student, [*student.parameters(), *kd.parameters()], batch, amp),
+        'teacher forward': lambda amp: forward(lambda: distil.teacher_taps(batch['image']), amp),
+        'student inference (batch 1)': lambda amp: forward(lambda: deployed(one), amp),
+        'distillation + unlabelled': lambda amp: train_step(distil, student, [*student.parameters(), *kd.parameters()],
+                                                            mixed, amp),
+    }
+
+
+def best_times(fns: dict, repeats: int) -> dict:
+    """Best wall time of each callable, calling them in turn `repeats` times (after one warm-up call each)."""
+    for f in fns.values(): f()
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        t = time.perf_counter(); fn(); times.append(time.perf_counter() - t)
-    return min(times)
+        for name, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t)
+    return {k: min(v) for k, v in times.items()}
+
+
+def precision_table(work: dict, chosen: str, repeats: int) -> dict:
+    """Print fp32 against bf16 for each workload, and the chosen precision's speed-up; return the chosen times."""
+    names = [n for n in work if n != 'distillation + unlabelled']
+    fns = {(n, amp): work[n](amp) for n in names for amp in ('none', 'bf16')}
+    t = best_times(fns, repeats)
+    picked = PRECISION_NAMES[chosen]
+    print(f'| workload | fp32 s | bf16 s | bf16 speed-up | chosen ({picked}) x fp32 |')
+    print('|---|---|---|---|---|')
+    for n in names:
+        fp32, bf16 = t[n, 'none'], t[n, 'bf16']
+        print(f'| {n} | {fp32:.3f} | {bf16:.3f} | {fp32 / bf16:.2f}x | {fp32 / t[n, chosen]:.2f}x |')
+    return {n: t[n, chosen] for n in names}
+
+
+def distillation_cost(work: dict, chosen: str, repeats: int, batch_size: int):
+    """Print the distillation step against its parts, and the cost of an unlabelled image, in the chosen precision."""
+    names = ('student step', 'teacher forward', 'distillation step', 'distillation + unlabelled')
+    best = best_times({n: work[n](chosen) for n in names}, repeats)
+    ratio = best['distillation step'] / (best['student step'] + best['teacher forward'])
+    print(f'\ndistillation cost in {PRECISION_NAMES[chosen]}:')
+    print(f'distillation step / (student step + teacher forward) = {ratio:.3f}x (target <= 1.15x)')
+    print(f"distillation step / student step = {best['distillation step'] / best['student step']:.2f}x")
+    per_masked = best['distillation step'] / batch_size
+    per_unlabeled = (best['distillation + unlabelled'] - best['distillation step']) / batch_size
+    print(f'per image: masked {per_masked * 1e3:.1f} ms, unlabelled {per_unlabeled * 1e3:.1f} ms: '
+          f'{per_unlabeled / per_masked:.2f}x (target <= 1.2x)')
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--size', type=int, default=256); p.add_argument('--batch', type=int, default=4)
-    p.add_argument('--repeats', type=int, default=5); p.add_argument('--threads', type=int, default=None)
+    p.add_argument('--size', type=int, default=96, help='image size (configs/isic2018_cpu.yaml trains at 96)')
+    p.add_argument('--batch', type=int, default=16, help='images per training step')
+    p.add_argument('--repeats', type=int, default=4, help='timed rounds (the best is kept)')
+    p.add_argument('--threads', type=int, default=None, help='torch threads (default: PyTorch default)')
+    p.add_argument('--amp', default='auto', choices=('auto', 'none', 'bf16'), help='the precision to report for')
+    p.add_argument('--isa', default='native', help='avx2 | avx512 | native: cap the instructions (see isa.py)')
+    p.add_argument('--no-distill-cost', action='store_true', help='only the precision table')
     a = p.parse_args()
     if a.threads: torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    cl = torch.channels_last
-    batch = {'image': torch.randn(a.batch, 3, a.size, a.size).contiguous(memory_format=cl),
-             'mask': (torch.rand(a.batch, 1, a.size, a.size) > 0.5).float()}
-    student = DeepLabV3Plus('resnet18').train().to(memory_format=cl)
-    teacher = freeze(DeepLabV3Plus('resnet101'), channels_last=True)
-    kd = DistillationLoss(Config().distill.terms, student.tap_channels, teacher.tap_channels)
-    seg = SegLoss()
-    raw = step_fn(SegTask(seg), student, student.parameters(), batch)
-    distil_task = DistillTask(seg, kd, teacher, [t.tap for t in Config().distill.terms])
-    distil = step_fn(distil_task, student, [*student.parameters(), *kd.parameters()], batch)
-    teach = lambda: distil_task.teacher_taps(batch['image'])
-    mixed_batch = {**batch, 'unlabeled': torch.randn_like(batch['image'])}
-    mixed = step_fn(distil_task, student, [*student.parameters(), *kd.parameters()], mixed_batch)
-    variants = {'student step': raw, 'teacher forward': teach, 'distillation step': distil, 'distillation + unlabelled': mixed}
-    for f in variants.values(): f()  # warm up
-    t = {k: [] for k in variants}
-    for _ in range(a.repeats):  # alternate the variants
-        for name, f in variants.items(): t[name].append(best_time(f, 1))
-    best = {k: min(v) for k, v in t.items()}
-    print(f'size {a.size}, batch {a.batch}, threads {torch.get_num_threads()}, best of {a.repeats}')
-    print(f"{'variant':20} {'seconds':>8}")
-    for k, v in best.items(): print(f'{k:20} {v:8.3f}')
-    ratio = best['distillation step'] / (best['student step'] + best['teacher forward'])
-    print(f'distillation step / (student step + teacher forward) = {ratio:.3f}x (target <= 1.15x)')
-    print(f"distillation step / student step = {best['distillation step'] / best['student step']:.2f}x")
-    per_masked = best['distillation step'] / a.batch
-    per_unlabeled = (best['distillation + unlabelled'] - best['distillation step']) / a.batch
-    print(f'per image: masked {per_masked * 1e3:.1f} ms, unlabelled {per_unlabeled * 1e3:.1f} ms: '
-          f'{per_unlabeled / per_masked:.2f}x (target <= 1.2x)')
+    precision = resolve_precision(a.amp, CPU)
+    print(f'CPU: {cpu_description()}')
+    print(f'--amp {a.amp}: {precision}' + (f'; warning: {precision.warning}' if precision.warning else ''))
+    print(f'size {a.size}, batch {a.batch}, threads {torch.get_num_threads()}, best of {a.repeats} alternated rounds\n')
+    work = workloads(a.size, a.batch)
+    precision_table(work, precision.amp, a.repeats)
+    if not a.no_distill_cost: distillation_cost(work, precision.amp, a.repeats, a.batch)
 
 
 if __name__ == '__main__':

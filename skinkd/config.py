@@ -124,7 +124,8 @@ class Recipe:
     poly_power: float = opt(0.9, 'poly schedule power', lo=0.0, lo_open=True)
     warmup_epochs: float = opt(0.0, 'linear warmup length in epochs', lo=0.0)
     grad_clip: Optional[float] = opt(None, 'clip the gradient norm to this value (null: off)', lo=0.0, lo_open=True)
-    amp: str = opt('none', 'mixed precision', choices=('none', 'bf16', 'fp16'))
+    amp: str = opt('auto', 'precision: auto (bf16 where the device multiplies it natively, else fp32), none (fp32), '
+                   'bf16 or fp16', choices=('auto', 'none', 'bf16', 'fp16'))
     channels_last: bool = opt(True, 'channels_last memory format')
     compile: bool = opt(False, 'torch.compile the model')
     seed: int = opt(0, 'random seed')

@@ -18,7 +18,8 @@ from .cli import distill_main
 from .core import KD_TERMS
 from .config import (Config, DistillTerm, ModelConfig, SkinkdError, config_from_args, with_default_config,
                            load_config, recipe_differences)
-from .learner import Learner, SegTask, default_device, is_main, term_contributions, train_model
+from .learner import (Learner, SegTask, default_device, full_precision, is_main, term_contributions,
+                            train_model, with_precision)
 from .losses import DistillationLoss, seg_loss_from_config
 from .metrics import per_image_metrics
 from .export import prepare_for_inference
@@ -56,17 +57,19 @@ class DistillTask:
         self.seg_loss, self.kd, self.teacher, self.taps = seg_loss, kd, teacher, sorted(set(taps))
 
     def teacher_taps(self, image: torch.Tensor) -> dict:
-        "The teacher's taps for `image`, computed without autograd."
+        "The teacher's taps for `image`, computed without autograd (in the run's precision) and returned in fp32."
         with torch.inference_mode(): feats = self.teacher(image, return_features=True)
-        return {k: feats[k].clone() for k in self.taps}
+        return {k: feats[k].to(torch.float32, copy=True) for k in self.taps}  # a copy autograd may read
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         "Segmentation loss on the masked images, distillation on all (with the batch's `unlabeled` ones), each term logged."
         image, extra = batch['image'], batch.get('unlabeled')
         x = image if extra is None else torch.cat([image, extra.to(image.dtype)])
-        student = model(x, return_features=True)
-        seg = self.seg_loss(student['logits'][:len(image)], batch['mask'])
-        kd, terms = self.kd(student, self.teacher_taps(x), batch['mask'] if extra is None else None)
+        student, teacher = model(x, return_features=True), self.teacher_taps(x)
+        with full_precision(x.device):  # the loss and every KD term in fp32, whatever the networks ran in
+            student = {k: v.float() for k, v in student.items()}
+            seg = self.seg_loss(student['logits'][:len(image)], batch['mask'])
+            kd, terms = self.kd(student, teacher, batch['mask'] if extra is None else None)
         return seg + kd, {'seg': seg.detach(), **{k: v.detach() for k, v in terms.items()}}
 
 # %% ../nbs/08_distill.ipynb #0fe21ebc
@@ -86,7 +89,8 @@ def check_baseline(cfg: Config, # the config this student would train under
     path = Path(baseline) / 'config.yaml' if Path(baseline).is_dir() else Path(baseline)
     if not path.is_file():
         raise SkinkdError(f"--baseline {baseline}: no config.yaml there; pass the raw student's run folder")
-    if diffs := recipe_differences(cfg, load_config(path)):
+    ours, theirs = (with_precision(c, default_device())[0] for c in (cfg, load_config(path)))  # auto as resolved
+    if diffs := recipe_differences(ours, theirs):
         raise SkinkdError(f"the raw and distilled students must train under one recipe, but this run and {path} differ in "
                           f"{'; '.join(diffs)}; use the same config and --set overrides for both (only train.teacher may differ)")
     return path

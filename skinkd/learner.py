@@ -14,9 +14,10 @@ import os
 import random
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,10 +35,12 @@ from .losses import term_names
 from .models import is_resumable, load_checkpoint, prepare_for_training, save_checkpoint, unwrap
 
 # %% auto #0
-__all__ = ['RUN_TITLES', 'set_seed', 'rng_state', 'set_rng_state', 'init_distributed', 'is_main', 'default_device', 'lr_factor',
-           'build_optimizer', 'build_scheduler', 'SegTask', 'to_device', 'autocast', 'validate', 'set_loader_epoch',
-           'progress_enabled', 'duration_text', 'write_history', 'save_figure', 'term_contributions', 'history_figure',
-           'Learner', 'average_gradients', 'resume_conflicts', 'best_matches', 'train_model']
+__all__ = ['ONEDNN_BF16_ISAS', 'PRECISION_NAMES', 'RUN_TITLES', 'set_seed', 'rng_state', 'set_rng_state', 'init_distributed',
+           'is_main', 'default_device', 'lr_factor', 'build_optimizer', 'build_scheduler', 'cpu_bf16_isa',
+           'native_bf16', 'Precision', 'resolve_precision', 'with_precision', 'autocast', 'full_precision', 'SegTask',
+           'to_device', 'validate', 'set_loader_epoch', 'progress_enabled', 'duration_text', 'write_history',
+           'save_figure', 'term_contributions', 'history_figure', 'Learner', 'average_gradients', 'resume_conflicts',
+           'best_matches', 'train_model']
 
 # %% ../nbs/06_learner.ipynb #83236a14
 def set_seed(seed: int, deterministic: bool = False):
@@ -103,13 +106,71 @@ def build_scheduler(opt: torch.optim.Optimizer, tc: TrainConfig, steps_per_epoch
     return torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, total=total, warmup=warmup,
                                                           schedule=tc.schedule, power=tc.poly_power))
 
+# %% ../nbs/06_learner.ipynb #9f440a55
+ONEDNN_BF16_ISAS = ('AVX512_CORE_BF16', 'AVX512_CORE_FP16', 'AVX10_1_512', 'AVX512_CORE_AMX', 'AVX10_1_512_AMX',
+                    'AVX512_CORE_AMX_FP16', 'AVX10_1_512_AMX_FP16', 'DEFAULT', 'ALL')  # oneDNN caps that keep bf16
+
+def cpu_bf16_isa() -> str | None:
+    "The CPU's native bf16 instructions ('AMX-BF16' or 'AVX512-BF16'), from PyTorch's cpuinfo query; None without."
+    if torch.cpu._is_amx_tile_supported(): return 'AMX-BF16'
+    return 'AVX512-BF16' if torch.cpu._is_avx512_bf16_supported() else None
+
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    "Whether `device` multiplies bf16 in hardware, and why."
+    if device.type == 'cuda':
+        ok = torch.cuda.is_bf16_supported(including_emulation=False)
+        return ok, f"{torch.cuda.get_device_name(device)} {'supports' if ok else 'does not support'} bf16"
+    if device.type != 'cpu': return False, f'no bf16 query for {device.type} devices'
+    if (isa := cpu_bf16_isa()) is None: return False, 'CPU has no AVX512-BF16 or AMX-BF16'
+    cap = os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL').upper()
+    if cap not in ONEDNN_BF16_ISAS: return False, f'CPU has {isa}, but ONEDNN_MAX_CPU_ISA={cap} keeps oneDNN below it'
+    return True, f'CPU has {isa}'
+
+# %% ../nbs/06_learner.ipynb #0de2a51f
+PRECISION_NAMES = {'none': 'fp32', 'bf16': 'bf16', 'fp16': 'fp16'}  # train.amp -> the name people know
+
+class Precision(NamedTuple):
+    "A run's resolved precision: the value of train.amp it trains under, why, and a warning when that is slow."
+    amp: str
+    reason: str
+    warning: str = ''
+    def __str__(self) -> str: return f'precision: {PRECISION_NAMES[self.amp]} ({self.reason})'
+
+def resolve_precision(amp: str, # train.amp: 'auto', 'none', 'bf16' or 'fp16'
+                      device: torch.device, # the device the run trains on
+                     ) -> Precision:
+    "What `amp` means on `device`: 'auto' is bf16 where the device multiplies it natively, else fp32."
+    if amp not in ('auto', 'bf16'): return Precision(amp, 'train.amp')
+    native, why = native_bf16(device)
+    if amp == 'auto': return Precision('bf16' if native else 'none', why)
+    if native: return Precision('bf16', f'train.amp; {why}')
+    return Precision('bf16', 'train.amp', f'train.amp is bf16, but {why}: bf16 is emulated there and a training step '
+                                          'runs 11-17x slower than in fp32; use train.amp: auto or none')
+
+def with_precision(cfg: Config, device: torch.device) -> tuple[Config, Precision]:
+    "`cfg` with train.amp resolved for `device` (what run folders and checkpoints record), and the decision."
+    precision = resolve_precision(cfg.train.amp, device)
+    return replace(cfg, train=replace(cfg.train, amp=precision.amp)), precision
+
+# %% ../nbs/06_learner.ipynb #74d3a70c
+def autocast(device: torch.device, amp: str):
+    "The autocast context for a precision (`none`, `bf16`, `fp16`; `auto` is resolved for `device` first)."
+    if amp == 'auto': amp = resolve_precision(amp, device).amp
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+def full_precision(device: torch.device):
+    "A context that switches autocast off: what it computes stays in fp32."
+    return torch.autocast(device.type, enabled=False)
+
 # %% ../nbs/06_learner.ipynb #7e67a7e7
 class SegTask:
     "Supervised segmentation: the model's logits against the mask."
     def __init__(self, seg_loss: nn.Module): self.seg_loss = seg_loss
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         "The segmentation loss of one batch."
-        loss = self.seg_loss(model(batch['image']), batch['mask'])
+        logits = model(batch['image'])
+        with full_precision(logits.device): loss = self.seg_loss(logits.float(), batch['mask'])
         return loss, {'seg': loss.detach()}
 
 # %% ../nbs/06_learner.ipynb #8790e9a9
@@ -118,11 +179,6 @@ def to_device(batch: dict, device: torch.device, channels_last: bool = False) ->
     out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     if channels_last: out['image'] = out['image'].contiguous(memory_format=torch.channels_last)
     return out
-
-def autocast(device: torch.device, amp: str):
-    "The autocast context for the configured precision (`none`, `bf16`, `fp16`)."
-    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(amp)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 # %% ../nbs/06_learner.ipynb #50dffa29
 @torch.inference_mode()
@@ -205,14 +261,16 @@ class Learner:
     "Train `model` on `task` with its stage's recipe (`cfg.train`, teacher overrides applied), writing a run folder."
     def __init__(self, model: nn.Module, task, loaders: dict, cfg: Config, model_cfg: ModelConfig,
                  role: str, mode: str, extra_modules: nn.Module | None = None):
+        self.device, self.requested_amp = default_device(), cfg.train.amp
+        cfg, self.precision = with_precision(cfg, self.device)
         self.cfg, self.tc, self.task, self.loaders, self.model_cfg = cfg, stage_recipe(cfg.train, mode), task, loaders, model_cfg
         self.role, self.mode, self.extra = role, mode, extra_modules
-        self.run_dir, self.device = Path(cfg.output.run_dir), default_device()
+        self.run_dir = Path(cfg.output.run_dir)
         self.model = self._prepare(model)
         params = [p for m in (self.model, self.extra) if m is not None for p in m.parameters() if p.requires_grad]
         self.opt = build_optimizer(params, self.tc)
         self.sched = build_scheduler(self.opt, self.tc, self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.tc.amp == 'fp16' and self.device.type == 'cuda')
+        self.scaler = self._scaler()
         self.epoch, self.history, self.best, self.bad_epochs = 0, [], -1.0, 0
         self.resume_at, self.stop = None, None  # (batch, loss sums) of a run stopped mid-epoch; the DeferredStop of fit
         if self.batches_per_epoch == 0:
@@ -228,6 +286,10 @@ class Learner:
     def steps_per_epoch(self) -> int: return max(1, math.ceil(self.batches_per_epoch / self.tc.accumulate))
     @property
     def stopped(self) -> bool: return bool(self.tc.early_stopping) and self.bad_epochs >= self.tc.early_stopping
+
+    def _scaler(self) -> torch.amp.GradScaler:
+        "Loss scaling, which only fp16 on a GPU needs."
+        return torch.amp.GradScaler(self.device.type, enabled=self.tc.amp == 'fp16' and self.device.type == 'cuda')
 
     def _prepare(self, model: nn.Module) -> nn.Module:
         "Device, memory format, SyncBatchNorm/DDP and compilation, as configured."
@@ -249,6 +311,8 @@ class Learner:
             raise SkinkdError(f'{self.run_dir} already holds a run (checkpoints/last.pt); continue it with '
                               '--set train.resume=true, or choose another --out')
         if is_main():
+            tqdm.write(str(self.precision))
+            if self.precision.warning: tqdm.write(f'warning: {self.precision.warning}')
             remove_stale_temps(*(self.run_dir / 'checkpoints' / n for n in ('last.pt', 'best.pt')))  # left by a kill mid-write
             save_config(self.cfg, self.run_dir / 'config.yaml')
             for name, text in (records or {}).items(): atomic_write(self.run_dir / name, lambda f, t=text: f.write(t.encode()))
@@ -259,7 +323,8 @@ class Learner:
             while self.epoch < self.tc.epochs and not self.stopped:
                 start = time.time()
                 train = self.train_epoch()
-                val = validate(unwrap(self.model), self.loaders['val'], self.device, self.cfg.eval.threshold, self.tc.channels_last, self.tc.amp)
+                val = validate(unwrap(self.model), self.loaders['val'], self.device, self.cfg.eval.threshold,
+                               self.tc.channels_last)  # in fp32, whatever the training precision (results below)
                 self.epoch += 1
                 self.end_epoch(train, val, time.time() - start)
                 if self.stop_requested():  # also after the last epoch: the command stops instead of going on to its next stage
@@ -351,7 +416,8 @@ def save(self: Learner, name: str, metrics: dict,
     "Write a resumable checkpoint into the run folder's `checkpoints/`."
     extra = dict(mode=self.mode, rng=rng_state(), best=self.best, bad_epochs=self.bad_epochs, history=self.history,
                  extra_modules=self.extra.state_dict() if self.extra is not None else None, config=asdict(self.cfg),
-                 world_size=dist.get_world_size() if dist.is_initialized() else 1, position=position)
+                 world_size=dist.get_world_size() if dist.is_initialized() else 1, position=position,
+                 precision=self.precision._asdict())
     return save_checkpoint(self.run_dir / 'checkpoints' / name, unwrap(self.model), self.model_cfg, self.role,
                            epoch=self.epoch, optimizer=self.opt, scheduler=self.sched, scaler=self.scaler,
                            metrics={k: float(v) for k, v in metrics.items()}, extra=extra)
@@ -385,6 +451,7 @@ def resume(self: Learner):
         raise SkinkdError(f'cannot resume from {path}: it holds weights only (a best.pt); resume needs the last.pt a run writes')
     if extra.get('mode') != self.mode:
         raise SkinkdError(f"cannot resume: {path} is a '{extra.get('mode')}' run, not '{self.mode}'; use another --out")
+    self.keep_precision(extra['config']['train']['amp'])
     changed = resume_conflicts(ck, self.cfg, self.model_cfg)
     if changed:
         raise SkinkdError(f"cannot resume {path}: changed since it was written: {', '.join(changed)}; "
@@ -398,6 +465,16 @@ def resume(self: Learner):
     where = f"at batch {pos['batch']} of epoch {self.epoch + 1}" if pos else f'after epoch {self.epoch}'
     if is_main(): tqdm.write(f'resumed {self.mode} from {path} {where}')
     self.reconcile_best()
+
+@patch
+def keep_precision(self: Learner, started: str, # the precision the resumed run trained in (its resolved train.amp)
+                  ):
+    "Under train.amp: auto, continue in the precision the run started with, even where this device would pick another."
+    if self.requested_amp != 'auto' or started == self.tc.amp: return
+    why = f'the run started in {PRECISION_NAMES[started]}; this device alone would pick {PRECISION_NAMES[self.tc.amp]}'
+    self.precision = Precision(started, why)
+    self.cfg = replace(self.cfg, train=replace(self.cfg.train, amp=started))
+    self.tc, self.scaler = stage_recipe(self.cfg.train, self.mode), self._scaler()
 
 @patch
 def reconcile_best(self: Learner):

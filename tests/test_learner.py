@@ -28,6 +28,7 @@ def tiny_net():
 def learner(tmp_path, n_train=5, sets=(), model=None):
     cfg = resolve_paths(load_config(overrides=['train.optimizer=sgd', 'train.momentum=0', 'train.weight_decay=0',
                                                'train.schedule=constant', 'train.channels_last=false', 'train.lr=0.1',
+                                               'train.amp=none',  # exact fp32 references; the precision tests set auto
                                                f'output.run_dir={tmp_path / "run"}', *sets]))
     loaders = {'train': batches(n_train), 'val': batches(2, seed=1)}
     return Learner(model or tiny_net(), SegTask(SegLoss('bce')), loaders, cfg, ModelConfig(), 'student', 'raw')
@@ -98,7 +99,7 @@ def test_existing_run_is_never_overwritten_and_resume_checks_settings(tmp_path):
     with pytest.raises(SkinkdError, match=r'holds weights only \(a best.pt\); resume needs the last.pt'):
         learner(tmp_path, sets=['train.epochs=2', 'train.resume=true']).fit()
     (ckpts / 'last.pt').write_bytes(full)
-    resumed = learner(tmp_path, sets=['train.epochs=2', 'train.resume=true'])
+    resumed = learner(tmp_path, sets=['train.epochs=2', 'train.resume=true', 'train.amp=auto'])
     resumed.fit()
     assert [r['epoch'] for r in resumed.history] == [1, 2]
 
