@@ -1,7 +1,7 @@
 """Does bf16 training give the same models as fp32? Two `skinkd_experiment` folders, compared image by image.
 
     skinkd_experiment --config configs/isic2018_cpu.yaml --set train.amp=none --out runs/fp32
-    skinkd_experiment --config configs/isic2018_cpu.yaml --set train.amp=bf16 --out runs/bf16
+    skinkd_experiment --config configs/isic2018_cpu.yaml --set train.amp=auto --out runs/bf16   # on a CPU with bf16
     python benchmarks/equal_quality.py --runs fp32=runs/fp32 bf16=runs/bf16
 
 Both experiments must share the data, the split and the seeds; each trains its own teacher. For the teacher, the raw

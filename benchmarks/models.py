@@ -68,7 +68,9 @@ def infer_step(model, x):
 def infer_step_bf16(model, x):
     "One timed inference call under bf16 autocast (the convolutions in bf16, the weights fp32)."
     with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16):
-        t = time.perf_counter(); model(x); return time.perf_counter() - t
+        t = time.perf_counter()
+        model(x)
+        return time.perf_counter() - t
 
 
 def train_step(model, opt, x, y):

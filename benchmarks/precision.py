@@ -100,7 +100,8 @@ def main():
     cfg = resolve_paths(load_config(a.config, overrides=a.set))
     loader = get_data(cfg).loaders['val']
     print(f'CPU: {cpu_description()}; {torch.get_num_threads()} threads')
-    print(f'\n| checkpoint | val Dice fp32 | val Dice bf16 | bf16 - fp32 | seconds fp32 / bf16 |\n|---|---|---|---|---|')
+    print('\n| checkpoint | val Dice fp32 | val Dice bf16 | bf16 - fp32 | seconds fp32 / bf16 |')
+    print('|---|---|---|---|---|')
     for path in [a.teacher, *a.weights]: print(validation_dice(path, loader, cfg.eval.threshold))
     teacher_distance(a.teacher, loader, cfg, cfg.eval.threshold)
 

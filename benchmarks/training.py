@@ -64,7 +64,8 @@ def workloads(size: int, batch_size: int):
     cfg = Config()
     batch = {'image': torch.randn(batch_size, 3, size, size).contiguous(memory_format=cl),
              'mask': (torch.rand(batch_size, 1, size, size) > 0.5).float()}
-    student = DeepLabV3Plus(cfg.student.backbone, aspp_separable=cfg.student.aspp_separable).train().to(memory_format=cl)
+    student = DeepLabV3Plus(cfg.student.backbone, aspp_separable=cfg.student.aspp_separable)
+    student = student.train().to(memory_format=cl)
     teacher_net = DeepLabV3Plus(cfg.teacher.backbone).train().to(memory_format=cl)
     frozen = freeze(DeepLabV3Plus(cfg.teacher.backbone), channels_last=True)
     deployed = freeze(student, channels_last=True)
@@ -76,7 +77,8 @@ def workloads(size: int, batch_size: int):
     return {
         'student step': lambda amp: train_step(SegTask(seg), student, student.parameters(), batch, amp),
         'teacher step': lambda amp: train_step(SegTask(seg), teacher_net, teacher_net.parameters(), batch, amp),
-        'distillation step': lambda amp: train_step(distil, student, [*student.parameters(), *kd.parameters()], batch, amp),
+        'distillation step': lambda amp: train_step(distil, student, [*student.parameters(), *kd.parameters()],
+                                                    batch, amp),
         'teacher forward': lambda amp: forward(lambda: distil.teacher_taps(batch['image']), amp),
         'student inference (batch 1)': lambda amp: forward(lambda: deployed(one), amp),
         'distillation + unlabelled': lambda amp: train_step(distil, student, [*student.parameters(), *kd.parameters()],

@@ -67,7 +67,7 @@ class DistillTask:
         x = image if extra is None else torch.cat([image, extra.to(image.dtype)])
         student, teacher = model(x, return_features=True), self.teacher_taps(x)
         with full_precision(x.device):  # the loss and every KD term in fp32, whatever the networks ran in
-            student = {k: v.float() for k, v in student.items()}
+            student = {k: student[k].float() for k in {*self.taps, 'logits'}}
             seg = self.seg_loss(student['logits'][:len(image)], batch['mask'])
             kd, terms = self.kd(student, teacher, batch['mask'] if extra is None else None)
         return seg + kd, {'seg': seg.detach(), **{k: v.detach() for k, v in terms.items()}}
@@ -91,8 +91,11 @@ def check_baseline(cfg: Config, # the config this student would train under
         raise SkinkdError(f"--baseline {baseline}: no config.yaml there; pass the raw student's run folder")
     ours, theirs = (with_precision(c, default_device())[0] for c in (cfg, load_config(path)))  # auto as resolved
     if diffs := recipe_differences(ours, theirs):
+        amp = '' if ours.train.amp == theirs.train.amp else (
+            f' (train.amp: auto picks by machine; --set train.amp={theirs.train.amp} trains as the baseline did)')
         raise SkinkdError(f"the raw and distilled students must train under one recipe, but this run and {path} differ in "
-                          f"{'; '.join(diffs)}; use the same config and --set overrides for both (only train.teacher may differ)")
+                          f"{'; '.join(diffs)}{amp}; use the same config and --set overrides for both "
+                          '(only train.teacher may differ)')
     return path
 
 def uses_unlabeled(cfg: Config) -> bool:

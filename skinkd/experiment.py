@@ -20,7 +20,7 @@ from .config import (Config, DistillTerm, SkinkdError, SMOKE_OVERRIDES, atomic_w
 from .distill import train_student
 from .evaluate import (VERDICT_HEADS, ModelResult, Verdict, dice_verdict, evaluate_checkpoint, md_table,
                              split_cache, verdict_dict, write_json, write_per_image_csv)
-from .learner import PRECISION_NAMES, is_main, save_figure
+from .learner import PRECISION_NAMES, is_main, recorded_precision, save_figure
 from .teacher import train_teacher
 
 # %% auto #0
@@ -69,7 +69,8 @@ def train_once(cfg: Config, # the run's config (output.run_dir is its folder)
     resume = (run / 'checkpoints' / 'last.pt').is_file()
     learner = train(replace(cfg, train=replace(cfg.train, resume=resume)))
     done = dict(checkpoint=str(run / 'checkpoints' / 'best.pt'), best_val_dice=learner.best, epochs=learner.epoch,
-                train_seconds=round(sum(r['seconds'] for r in learner.history), 1), precision=PRECISION_NAMES[learner.tc.amp])
+                train_seconds=round(sum(r['seconds'] for r in learner.history), 1),
+                precision=PRECISION_NAMES[learner.tc.amp])
     if is_main(): write_json(run / 'done.json', done)
     return done
 
@@ -151,8 +152,7 @@ def train_models(cfg: Config, out: Path, plan: list[Run], teacher_weights: str |
         from skinkd.models import load_checkpoint
         ck = load_checkpoint(teacher_weights)
         done = {'teacher': dict(checkpoint=str(teacher_weights), best_val_dice=float(ck['metrics'].get('dice', math.nan)),
-                                epochs=ck['epoch'], train_seconds=math.nan,
-                                precision=PRECISION_NAMES.get(ck['extra'].get('config', {}).get('train', {}).get('amp'), '–'))}
+                                epochs=ck['epoch'], train_seconds=math.nan, precision=recorded_precision(ck))}
     else:
         print(f"== teacher ({cfg.teacher.backbone}, {stage_recipe(cfg.train, 'teacher').epochs} epochs) -> {out / 'teacher'}", flush=True)
         done = {'teacher': train_once(_with(cfg, out / 'teacher'), train_teacher)}
@@ -193,8 +193,8 @@ def report_text(s: dict, results: dict[str, ModelResult], done: dict[str, dict],
     lines = [f'**{line}**' for line in v.lines()]
     header, rows = seed_table(s['dice'], s['teacher_dice'], seeds, variants)
     times = [[NAMES.get(k.split('/')[-1], k), k.split('/')[0] if '/' in k else '–', d['epochs'], f"{d['best_val_dice']:.4f}",
-              '–' if not math.isfinite(d['train_seconds']) else f"{d['train_seconds'] / 60:.1f} min", d.get('precision', '–')]
-             for k, d in done.items()]
+              '–' if not math.isfinite(d['train_seconds']) else f"{d['train_seconds'] / 60:.1f} min",
+              d.get('precision', '–')] for k, d in done.items()]
     return '\n\n'.join([*lines, '# Experiment: does distillation pay?',
         f"Teacher `{cfg.teacher.backbone}`, student `{cfg.student.backbone}`, data `{cfg.data.root}` at {cfg.data.image_size} px; "
         f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); {n} test images scored at the "

@@ -36,11 +36,11 @@ from .models import is_resumable, load_checkpoint, prepare_for_training, save_ch
 
 # %% auto #0
 __all__ = ['ONEDNN_BF16_ISAS', 'PRECISION_NAMES', 'RUN_TITLES', 'set_seed', 'rng_state', 'set_rng_state', 'init_distributed',
-           'is_main', 'default_device', 'lr_factor', 'build_optimizer', 'build_scheduler', 'cpu_bf16_isa',
-           'native_bf16', 'Precision', 'resolve_precision', 'with_precision', 'autocast', 'full_precision', 'SegTask',
-           'to_device', 'validate', 'set_loader_epoch', 'progress_enabled', 'duration_text', 'write_history',
-           'save_figure', 'term_contributions', 'history_figure', 'Learner', 'average_gradients', 'resume_conflicts',
-           'best_matches', 'train_model']
+           'is_main', 'default_device', 'lr_factor', 'build_optimizer', 'build_scheduler', 'cpu_bf16_isa', 'onednn_cap',
+           'native_bf16', 'Precision', 'resolve_precision', 'with_precision', 'recorded_precision', 'autocast',
+           'full_precision', 'SegTask', 'to_device', 'validate', 'set_loader_epoch', 'progress_enabled',
+           'duration_text', 'write_history', 'save_figure', 'term_contributions', 'history_figure', 'Learner',
+           'average_gradients', 'resume_conflicts', 'best_matches', 'train_model']
 
 # %% ../nbs/06_learner.ipynb #83236a14
 def set_seed(seed: int, deterministic: bool = False):
@@ -110,20 +110,31 @@ def build_scheduler(opt: torch.optim.Optimizer, tc: TrainConfig, steps_per_epoch
 ONEDNN_BF16_ISAS = ('AVX512_CORE_BF16', 'AVX512_CORE_FP16', 'AVX10_1_512', 'AVX512_CORE_AMX', 'AVX10_1_512_AMX',
                     'AVX512_CORE_AMX_FP16', 'AVX10_1_512_AMX_FP16', 'DEFAULT', 'ALL')  # oneDNN caps that keep bf16
 
+def _cpu_has(query: str) -> bool:
+    "One of PyTorch's cpuinfo queries in `torch.cpu` (False where this PyTorch lacks it)."
+    ask = getattr(torch.cpu, query, None)
+    return bool(ask and ask())
+
 def cpu_bf16_isa() -> str | None:
     "The CPU's native bf16 instructions ('AMX-BF16' or 'AVX512-BF16'), from PyTorch's cpuinfo query; None without."
-    if torch.cpu._is_amx_tile_supported(): return 'AMX-BF16'
-    return 'AVX512-BF16' if torch.cpu._is_avx512_bf16_supported() else None
+    if _cpu_has('_is_amx_tile_supported'): return 'AMX-BF16'
+    return 'AVX512-BF16' if _cpu_has('_is_avx512_bf16_supported') else None
+
+def onednn_cap() -> tuple[str, str] | None:
+    "The instruction-set cap set for oneDNN, as (variable, value), or None (oneDNN uses all the CPU has)."
+    name = next((n for n in ('ONEDNN_MAX_CPU_ISA', 'DNNL_MAX_CPU_ISA') if os.environ.get(n)), None)
+    return (name, os.environ[name].upper()) if name else None
 
 def native_bf16(device: torch.device) -> tuple[bool, str]:
     "Whether `device` multiplies bf16 in hardware, and why."
     if device.type == 'cuda':
-        ok = torch.cuda.is_bf16_supported(including_emulation=False)
+        try: ok = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError: ok = torch.cuda.is_bf16_supported()  # older PyTorch: native support only
         return ok, f"{torch.cuda.get_device_name(device)} {'supports' if ok else 'does not support'} bf16"
     if device.type != 'cpu': return False, f'no bf16 query for {device.type} devices'
     if (isa := cpu_bf16_isa()) is None: return False, 'CPU has no AVX512-BF16 or AMX-BF16'
-    cap = os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL').upper()
-    if cap not in ONEDNN_BF16_ISAS: return False, f'CPU has {isa}, but ONEDNN_MAX_CPU_ISA={cap} keeps oneDNN below it'
+    if (cap := onednn_cap()) and cap[1] not in ONEDNN_BF16_ISAS:
+        return False, f'CPU has {isa}, but {cap[0]}={cap[1]} keeps oneDNN below it'
     return True, f'CPU has {isa}'
 
 # %% ../nbs/06_learner.ipynb #0de2a51f
@@ -144,6 +155,7 @@ def resolve_precision(amp: str, # train.amp: 'auto', 'none', 'bf16' or 'fp16'
     native, why = native_bf16(device)
     if amp == 'auto': return Precision('bf16' if native else 'none', why)
     if native: return Precision('bf16', f'train.amp; {why}')
+    if device.type == 'cuda': return Precision('bf16', 'train.amp', f'train.amp is bf16, but {why}; use fp16 or auto')
     return Precision('bf16', 'train.amp', f'train.amp is bf16, but {why}: bf16 is emulated there and a training step '
                                           'runs 11-17x slower than in fp32; use train.amp: auto or none')
 
@@ -151,6 +163,10 @@ def with_precision(cfg: Config, device: torch.device) -> tuple[Config, Precision
     "`cfg` with train.amp resolved for `device` (what run folders and checkpoints record), and the decision."
     precision = resolve_precision(cfg.train.amp, device)
     return replace(cfg, train=replace(cfg.train, amp=precision.amp)), precision
+
+def recorded_precision(ck: dict) -> str:
+    "The precision a checkpoint's run trained in ('fp32', 'bf16', 'fp16'), or '–' where it does not say."
+    return PRECISION_NAMES.get(ck['extra'].get('config', {}).get('train', {}).get('amp'), '–')
 
 # %% ../nbs/06_learner.ipynb #74d3a70c
 def autocast(device: torch.device, amp: str):
@@ -324,7 +340,7 @@ class Learner:
                 start = time.time()
                 train = self.train_epoch()
                 val = validate(unwrap(self.model), self.loaders['val'], self.device, self.cfg.eval.threshold,
-                               self.tc.channels_last)  # in fp32, whatever the training precision (results below)
+                               self.tc.channels_last)  # fp32, whatever the training precision (06_learner: Results)
                 self.epoch += 1
                 self.end_epoch(train, val, time.time() - start)
                 if self.stop_requested():  # also after the last epoch: the command stops instead of going on to its next stage
@@ -457,7 +473,8 @@ def resume(self: Learner):
         raise SkinkdError(f"cannot resume {path}: changed since it was written: {', '.join(changed)}; "
                           'restore them, or start a new run with another --out')
     unwrap(self.model).load_state_dict(ck['model']); self.opt.load_state_dict(ck['optimizer'])
-    self.sched.load_state_dict(ck['scheduler']); self.scaler.load_state_dict(ck['scaler'])
+    self.sched.load_state_dict(ck['scheduler'])
+    if ck['scaler']: self.scaler.load_state_dict(ck['scaler'])  # empty where the run had no loss scaling
     if self.extra is not None: self.extra.load_state_dict(extra['extra_modules'])
     self.epoch, self.best, self.bad_epochs, self.history = ck['epoch'], extra['best'], extra['bad_epochs'], extra['history']
     set_rng_state(extra['rng'])
@@ -472,7 +489,7 @@ def keep_precision(self: Learner, started: str, # the precision the resumed run 
     "Under train.amp: auto, continue in the precision the run started with, even where this device would pick another."
     if self.requested_amp != 'auto' or started == self.tc.amp: return
     why = f'the run started in {PRECISION_NAMES[started]}; this device alone would pick {PRECISION_NAMES[self.tc.amp]}'
-    self.precision = Precision(started, why)
+    self.precision = resolve_precision(started, self.device)._replace(reason=why)  # keeps a slow-bf16 warning
     self.cfg = replace(self.cfg, train=replace(self.cfg.train, amp=started))
     self.tc, self.scaler = stage_recipe(self.cfg.train, self.mode), self._scaler()
 
