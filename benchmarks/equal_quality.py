@@ -11,33 +11,27 @@ reports each precision's mean, the paired difference (second minus first, in Dic
 (|difference| <= 0.3 points and a CI that includes 0), and each run's best validation Dice and training minutes.
 """
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from front import per_image_dice  # benchmarks/front.py
 from skinkd.evaluate import bootstrap_ci
 
 MODELS = {'teacher': 'teacher', 'raw': 'raw student', 'distill': 'distilled student'}
 BAR = 0.3  # Dice points
 
 
-def per_image(run: Path) -> dict:
-    """{column: {image id: value}} from an experiment folder's per_image.csv."""
-    try:
-        with open(run / 'per_image.csv') as f: rows = list(csv.DictReader(f))
-    except OSError as e:
-        sys.exit(f'cannot read {run}/per_image.csv ({e.strerror}); is {run} a finished skinkd_experiment folder?')
-    return {k: {r['id']: float(r[k]) for r in rows} for k in rows[0] if k != 'id'}
-
-
-def dice_matrix(cols: dict, model: str, ids: list[str]) -> np.ndarray:
-    """(seeds, images) test Dice of `model` ('teacher', 'raw' or 'distill'), images in the order of `ids`."""
-    names = ['teacher/dice'] if model == 'teacher' else sorted(k for k in cols if k.endswith(f'/{model}/dice'))
-    if not names: sys.exit(f'no {model} column in per_image.csv')
-    return np.array([[cols[n][i] for i in ids] for n in names])
+def aligned_dice(ref: Path, new: Path, model: str) -> tuple[np.ndarray, np.ndarray]:
+    """(seeds, images) test Dice of `model` in both experiment folders, images in one order."""
+    ids, x = per_image_dice(ref, model)
+    other, y = per_image_dice(new, model)
+    if sorted(other) != sorted(ids): sys.exit(f'{ref} and {new} were scored on different test images')
+    if x.shape != y.shape: sys.exit(f'{model}: {ref} has {len(x)} seeds, {new} has {len(y)}')
+    where = {i: k for k, i in enumerate(other)}
+    return x, y[:, [where[i] for i in ids]]
 
 
 def training(run: Path, model: str) -> tuple[list[float], list[float]]:
@@ -52,15 +46,11 @@ def main():
     p.add_argument('--runs', nargs=2, required=True, metavar='NAME=FOLDER', help='the reference run first (fp32)')
     a = p.parse_args()
     (ref_name, ref), (new_name, new) = [(s.split('=', 1)[0], Path(s.split('=', 1)[1])) for s in a.runs]
-    ref_cols, new_cols = per_image(ref), per_image(new)
-    ids = sorted(ref_cols['teacher/dice'])
-    if sorted(new_cols['teacher/dice']) != ids: sys.exit(f'{ref} and {new} were scored on different test images')
     print(f'| model | seeds | {ref_name} test Dice | {new_name} test Dice | {new_name} − {ref_name} (points, 95% CI) '
           f'| bar met | best val Dice {ref_name} / {new_name} | training min {ref_name} / {new_name} |')
     print('|---|---|---|---|---|---|---|---|')
     for model, title in MODELS.items():
-        x, y = dice_matrix(ref_cols, model, ids), dice_matrix(new_cols, model, ids)
-        if x.shape != y.shape: sys.exit(f'{model}: {ref} has {len(x)} seeds, {new} has {len(y)}')
+        x, y = aligned_dice(ref, new, model)
         d = 100 * (y - x)
         lo, hi = bootstrap_ci(d)
         met = abs(d.mean()) <= BAR and lo <= 0 <= hi

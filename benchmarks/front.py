@@ -27,11 +27,12 @@ from skinkd.export import cpu_description
 
 
 def per_image_dice(run: Path, variant: str) -> tuple[list[str], np.ndarray]:
-    "(image ids, (seeds, images) test Dice of `variant` ('raw' or 'distill')) from an experiment folder's per_image.csv."
+    "(image ids, (seeds, images) test Dice of `variant` ('raw', 'distill'; 'teacher': one row)) from per_image.csv."
     try:
         with open(run / 'per_image.csv') as f: rows = list(csv.DictReader(f))
     except OSError as e: sys.exit(f'cannot read {run}/per_image.csv ({e.strerror}); is {run} a finished skinkd_experiment folder?')
-    cols = sorted(k for k in (rows[0] if rows else {}) if k.endswith(f'/{variant}/dice') and k.startswith('seed'))
+    cols = sorted(k for k in (rows[0] if rows else {})
+                  if k == f'{variant}/dice' or (k.endswith(f'/{variant}/dice') and k.startswith('seed')))
     if not cols: sys.exit(f'{run}/per_image.csv has no {variant} rows; is {run} a finished skinkd_experiment folder?')
     return [r['id'] for r in rows], np.array([[float(r[c]) for r in rows] for c in cols])
 

@@ -33,6 +33,7 @@ from skinkd.export import cpu_description  # noqa: E402
 from skinkd.learner import PRECISION_NAMES, SegTask, autocast, resolve_precision  # noqa: E402
 from skinkd.losses import DistillationLoss, SegLoss  # noqa: E402
 from skinkd.models import DeepLabV3Plus  # noqa: E402
+from models import alternate  # noqa: E402  (benchmarks/models.py)
 
 CPU = torch.device('cpu')
 
@@ -87,15 +88,15 @@ def workloads(size: int, batch_size: int):
 
 
 def best_times(fns: dict, repeats: int) -> dict:
-    """Best wall time of each callable, calling them in turn `repeats` times (after one warm-up call each)."""
-    for f in fns.values(): f()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, f in fns.items():
+    """Best wall time of each callable over `repeats` alternated rounds (`models.alternate`, after a warm-up call)."""
+    def timer(f):
+        def timed():
             t = time.perf_counter()
             f()
-            times[name].append(time.perf_counter() - t)
-    return {k: min(v) for k, v in times.items()}
+            return time.perf_counter() - t
+        return timed
+    times = alternate([timer(f) for f in fns.values()], repeats, warmup=1)
+    return dict(zip(fns, times.min(axis=0)))
 
 
 def precision_table(work: dict, chosen: str, repeats: int) -> dict:
