@@ -16,6 +16,9 @@
    what forcing bf16 would cost there.
 2. Distillation cost, in the precision `--amp` picks: distillation step <= 1.15 x (student step + teacher forward);
    an unlabelled image (`batch['unlabeled']`, as `distill.unlabeled` batches are) <= 1.2 x a masked one.
+3. Cached soft labels (`distill.soft_labels: cached`, 07a_soft_labels): a step of B masked + B unlabelled images whose
+   logit term reads the cached teacher maps (no teacher forward), per image, against a raw student step per image
+   (target <= 1.1x); and the same batch with the live teacher and the default terms.
 """
 import argparse
 import sys
@@ -75,6 +78,10 @@ def workloads(size: int, batch_size: int):
     distil = DistillTask(seg, kd, frozen, [t.tap for t in cfg.distill.terms])
     one = batch['image'][:1]
     mixed = {**batch, 'unlabeled': torch.randn_like(batch['image'])}
+    logit_terms = [t for t in cfg.distill.terms if t.tap == 'logits']
+    kd_logit = DistillationLoss(logit_terms, student.tap_channels, frozen.tap_channels)
+    cached = DistillTask(seg, kd_logit, None, ['logits'], cached={'logits'})   # distill.soft_labels: cached
+    soft = {'soft': torch.randn(batch_size, 1, size, size), 'unlabeled_soft': torch.randn(batch_size, 1, size, size)}
     return {
         'student step': lambda amp: train_step(SegTask(seg), student, student.parameters(), batch, amp),
         'teacher step': lambda amp: train_step(SegTask(seg), teacher_net, teacher_net.parameters(), batch, amp),
@@ -84,6 +91,8 @@ def workloads(size: int, batch_size: int):
         'student inference (batch 1)': lambda amp: forward(lambda: deployed(one), amp),
         'distillation + unlabelled': lambda amp: train_step(distil, student, [*student.parameters(), *kd.parameters()],
                                                             mixed, amp),
+        'cached soft labels + unlabelled': lambda amp: train_step(cached, student, student.parameters(),
+                                                                  {**mixed, **soft}, amp),
     }
 
 
@@ -101,7 +110,7 @@ def best_times(fns: dict, repeats: int) -> dict:
 
 def precision_table(work: dict, chosen: str, repeats: int) -> dict:
     """Print fp32 against bf16 for each workload, and the chosen precision's speed-up; return the chosen times."""
-    names = [n for n in work if n != 'distillation + unlabelled']
+    names = [n for n in work if '+ unlabelled' not in n]
     fns = {(n, amp): work[n](amp) for n in names for amp in ('none', 'bf16')}
     t = best_times(fns, repeats)
     picked = PRECISION_NAMES[chosen]
@@ -127,6 +136,17 @@ def distillation_cost(work: dict, chosen: str, repeats: int, batch_size: int):
           f'{per_unlabeled / per_masked:.2f}x (target <= 1.2x)')
 
 
+def soft_label_cost(work: dict, chosen: str, repeats: int):
+    """Print the cost per image of a distillation step with an unlabelled image per masked one, against a raw step."""
+    names = ('student step', 'distillation + unlabelled', 'cached soft labels + unlabelled')
+    best = best_times({n: work[n](chosen) for n in names}, repeats)
+    raw = best['student step']          # B masked images
+    print(f'\nper image, in {PRECISION_NAMES[chosen]}, against a raw student step (B masked images):')
+    print(f"live teacher, default terms, B masked + B unlabelled: {best['distillation + unlabelled'] / 2 / raw:.2f}x")
+    print(f"cached soft labels, logit term, B masked + B unlabelled: {best['cached soft labels + unlabelled'] / 2 / raw:.2f}x"
+          ' (target <= 1.1x)')
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--size', type=int, default=96, help='image size (configs/isic2018_cpu.yaml trains at 96)')
@@ -144,7 +164,9 @@ def main():
     print(f'size {a.size}, batch {a.batch}, threads {torch.get_num_threads()}, best of {a.repeats} alternated rounds\n')
     work = workloads(a.size, a.batch)
     precision_table(work, precision.amp, a.repeats)
-    if not a.no_distill_cost: distillation_cost(work, precision.amp, a.repeats, a.batch)
+    if not a.no_distill_cost:
+        distillation_cost(work, precision.amp, a.repeats, a.batch)
+        soft_label_cost(work, precision.amp, a.repeats)
 
 
 if __name__ == '__main__':

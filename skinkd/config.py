@@ -232,6 +232,13 @@ class DistillConfig:
     unlabeled: Optional[str] = opt(None, 'folder of images without masks that the distilled student also learns from, '
                                          'through the teacher (a plain image folder, or a dataset folder of any layout)')
     unlabeled_ratio: float = opt(1.0, 'unlabelled images per masked image in each distillation batch (0: none)', lo=0.0, hi=16.0)
+    soft_labels: str = opt('live', "where terms on the logits get the teacher's output: live (the teacher runs on every "
+                           'augmented batch) or cached (once per training image, stored beside the image cache)',
+                           choices=('live', 'cached'))
+    cache_tta: bool = opt(True, 'cached soft labels: average the teacher over flips (as eval.tta)')
+    cache_scales: list[float] = opt([1.0], 'cached soft labels: input scales the teacher sees, relative to its working '
+                                    'size; their probabilities are averaged')
+    ensemble: list[str] = opt([], 'cached soft labels: more teacher checkpoints, averaged with --teacher_weights')
 
 @dataclass
 class EvalConfig:
@@ -314,11 +321,21 @@ def _coerce(value, tp, path: str):
     return _coerce_scalar(value, tp, path)
 
 # %% ../nbs/00a_config.ipynb #29294181
+def _check_soft_labels(d: DistillConfig, path: str):
+    "The cached soft labels' settings: positive scales, and an ensemble only where the labels are cached."
+    if not d.cache_scales or min(d.cache_scales) <= 0:
+        raise ConfigError(f"config key '{_join(path, 'cache_scales')}' is {d.cache_scales}; "
+                          'it must list one or more positive scales, e.g. [1.0] or [0.75, 1.0, 1.25]')
+    if d.ensemble and d.soft_labels != 'cached':
+        raise ConfigError(f"config key '{_join(path, 'ensemble')}' averages teachers into cached soft labels; "
+                          f"set {_join(path, 'soft_labels')}: cached, or drop the list")
+
 def _check_consistency(obj, path: str):
     "Checks that involve more than one key of a section."
     if isinstance(obj, DataConfig) and obj.val_fraction + obj.test_fraction >= 1:
         raise ConfigError(f"config keys '{_join(path, 'val_fraction')}' + '{_join(path, 'test_fraction')}' "
                           f"= {obj.val_fraction + obj.test_fraction:g}; they must leave some training data (sum < 1)")
+    if isinstance(obj, DistillConfig): _check_soft_labels(obj, path)
     if isinstance(obj, AugmentConfig) and obj.scale_min > obj.scale_max:
         raise ConfigError(f"config key '{_join(path, 'scale_min')}' ({obj.scale_min}) must be <= "
                           f"'{_join(path, 'scale_max')}' ({obj.scale_max})")
@@ -505,16 +522,20 @@ def recipe_differences(a: Config, b: Config) -> list[str]:
 
 # %% ../nbs/00a_config.ipynb #f5a9ff21
 PATH_KEYS = ('data.root', 'data.split_file', 'data.groups_file', 'data.cache_dir', 'output.run_dir',
-             'teacher.pretrained', 'student.pretrained', 'distill.unlabeled')
+             'teacher.pretrained', 'student.pretrained', 'distill.unlabeled', 'distill.ensemble')
+
+def _resolved(value, base: str | Path):
+    "A path (or each of a list of paths) made absolute against `base`; null and 'imagenet' stay as they are."
+    if isinstance(value, list): return [_resolved(v, base) for v in value]
+    if value is None or value == 'imagenet' or Path(value).is_absolute(): return value
+    return str((Path(base) / value).resolve())
 
 def resolve_paths(cfg: Config, base: str | Path = '.') -> Config:
     "A copy of `cfg` whose relative paths are made absolute against `base`."
     data = asdict(cfg)
     for dotted in PATH_KEYS:
         section, key = dotted.split('.')
-        value = data[section][key]
-        if value is None or value == 'imagenet' or Path(value).is_absolute(): continue
-        data[section][key] = str((Path(base) / value).resolve())
+        data[section][key] = _resolved(data[section][key], base)
     return from_dict(Config, data)
 
 # %% ../nbs/00a_config.ipynb #442895ca

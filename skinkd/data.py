@@ -32,6 +32,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from .cli import check_data_main
 from .config import AugmentConfig, Config, LAYOUTS, atomic_write
@@ -40,14 +41,15 @@ from .synthetic import ISIC2018_DIRS, make_synthetic
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'ISIC_PARTS', 'SPLITS', 'EXIF_ORIENTATION', 'CACHE_VERSION', 'check_data_cli',
-           'SAMPLED_ABOVE', 'CACHE_FORMAT', 'IMAGENET_MEAN', 'IMAGENET_STD', 'Sample', 'Layout', 'layout',
-           'detect_layout', 'scan', 'discover', 'read_groups', 'read_split_file', 'split_samples', 'split_labeled',
-           'binarize_mask', 'load_image', 'load_pair', 'DataReport', 'report_summary', 'default_workers', 'check_data',
-           'check_data_command', 'usable_samples', 'image_samples', 'check_images', 'mirror_pad_to_square',
-           'prepare_image', 'prepare_pair', 'restore_original', 'file_checksum', 'write_manifest', 'verify_cache',
-           'cache_key', 'SegCache', 'build_cache', 'normalize', 'denormalize', 'build_transforms', 'preprocessing',
-           'SegDataset', 'item_seed', 'EpochSampler', 'seed_worker', 'build_loader', 'MixedLoader', 'mixed_loader',
-           'DataBundle', 'prepare_root', 'split_data', 'get_data', 'labels_csv']
+           'SAMPLED_ABOVE', 'CACHE_FORMAT', 'IMAGENET_MEAN', 'IMAGENET_STD', 'SOFT_BACKGROUND', 'Sample', 'Layout',
+           'layout', 'detect_layout', 'scan', 'discover', 'read_groups', 'read_split_file', 'split_samples',
+           'split_labeled', 'binarize_mask', 'load_image', 'load_pair', 'DataReport', 'report_summary',
+           'default_workers', 'check_data', 'check_data_command', 'usable_samples', 'image_samples', 'check_images',
+           'mirror_pad_to_square', 'prepare_image', 'prepare_pair', 'restore_original', 'file_checksum',
+           'write_manifest', 'verify_cache', 'cache_key', 'SegCache', 'build_folder', 'build_cache', 'normalize',
+           'denormalize', 'build_transforms', 'SoftMap', 'preprocessing', 'SegDataset', 'item_seed', 'EpochSampler',
+           'seed_worker', 'build_loader', 'MixedLoader', 'mixed_loader', 'DataBundle', 'prepare_root', 'split_data',
+           'get_data', 'labels_csv']
 
 # %% ../nbs/01_data.ipynb #52f57b6a
 class Sample(NamedTuple):
@@ -619,6 +621,28 @@ def _write_cache(tmp: Path, samples: list[Sample], size: int, mirror_pad: bool, 
     (tmp / 'meta.json').write_text(json.dumps(meta))
     write_manifest(tmp)
 
+def build_folder(path: Path, # the finished folder (its name is the content's key)
+                 fill, # fill(tmp): writes the content into a new folder `tmp`, ending with `write_manifest(tmp)`
+                 need: int, # bytes the content needs (checked before writing)
+                 what: str, # what it is, for the free-space message
+                ) -> Path:
+    "`path`, built by `fill` and moved into place atomically unless an intact one exists; a damaged one is named and rebuilt."
+    if path.is_dir():
+        if (damage := verify_cache(path)) is None: return path
+        print(f'cache {path} is damaged ({damage}); rebuilding it', file=sys.stderr)
+    remove_dead_temps(path)
+    check_free_space(path.parent, need, what)
+    tmp = temp_sibling(path)
+    try:
+        try: fill(tmp)
+        except OSError as e: raise disk_error(e, path.parent) from None
+        if verify_cache(path) is None: shutil.rmtree(tmp)  # another process finished first
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
 def build_cache(samples: list[Sample], # usable samples (see `check_data`)
                 cache_dir: str | Path, # folder holding the caches
                 size: int = 256, # working size in pixels
@@ -627,20 +651,9 @@ def build_cache(samples: list[Sample], # usable samples (see `check_data`)
                ) -> SegCache:
     "The cache of `samples`, built (atomically) unless an intact one exists; a damaged one is named and rebuilt."
     path = Path(cache_dir) / cache_key(samples, size, mirror_pad, mask_resize)
-    if path.is_dir():
-        if (damage := verify_cache(path)) is None: return SegCache(path)
-        print(f'cache {path} is damaged ({damage}); rebuilding it', file=sys.stderr)
-    remove_dead_temps(path)
-    check_free_space(path.parent, _array_bytes(len(samples), size, all(s.mask is not None for s in samples)),
-                     f'the cache of {len(samples)} images at {size} px (data.cache_dir)')
-    tmp = temp_sibling(path)
-    try:
-        try: _write_cache(tmp, samples, size, mirror_pad, mask_resize)
-        except OSError as e: raise disk_error(e, path.parent) from None
-        if verify_cache(path) is None: shutil.rmtree(tmp)  # another process finished first
-        else: shutil.rmtree(path, ignore_errors=True); os.replace(tmp, path)
-    finally: shutil.rmtree(tmp, ignore_errors=True)
-    return SegCache(path)
+    fill = partial(_write_cache, samples=samples, size=size, mirror_pad=mirror_pad, mask_resize=mask_resize)
+    need = _array_bytes(len(samples), size, all(s.mask is not None for s in samples))
+    return SegCache(build_folder(path, fill, need, f'the cache of {len(samples)} images at {size} px (data.cache_dir)'))
 
 # %% ../nbs/01_data.ipynb #02144eb9
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -664,7 +677,7 @@ def build_transforms(aug: AugmentConfig, # the augment section of the config
                      train: bool, # training (random) or evaluation (deterministic) transforms
                      size: int | None = None, # working size; needed only for the random resized crop
                     ) -> v2.Compose:
-    "Joint image/mask transforms (v2) from the config: affine, crop, flips, jitter (train), then scale and normalise."
+    "Joint image/mask/soft-map transforms (v2) from the config: affine, crop, flips, jitter (train), scale, normalise."
     t = []
     if train:
         t.append(v2.RandomApply([v2.RandomAffine(aug.degrees, (aug.translate, aug.translate), (aug.scale_min, aug.scale_max),
@@ -677,6 +690,23 @@ def build_transforms(aug: AugmentConfig, # the augment section of the config
     if aug.normalize: t.append(v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
     return v2.Compose(t)
 
+# %% ../nbs/01_data.ipynb #ac7f11f5
+SOFT_BACKGROUND = -16.0  # the logit a soft map gets where a transform uncovers pixels: sure background, as the mask's 0
+
+class SoftMap(tv_tensors.TVTensor):
+    "A (C,H,W) float map of a teacher's logits: resampled like an image (bilinear) by geometric transforms, else kept."
+
+def _geometric_kernel(image_kernel):
+    "A v2 kernel for `SoftMap`: the image kernel, with `SOFT_BACKGROUND` where it fills, keeping the type."
+    def kernel(inpt: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if 'fill' in kwargs: kwargs['fill'] = SOFT_BACKGROUND
+        return tv_tensors.wrap(image_kernel(inpt.as_subclass(torch.Tensor), *args, **kwargs), like=inpt)
+    return kernel
+
+for _f, _k in ((TF.affine, TF.affine_image), (TF.resized_crop, TF.resized_crop_image),
+               (TF.horizontal_flip, TF.horizontal_flip_image), (TF.vertical_flip, TF.vertical_flip_image)):
+    TF.register_kernel(_f, SoftMap)(_geometric_kernel(_k))
+
 # %% ../nbs/01_data.ipynb #ada0f322
 def preprocessing(cfg: Config) -> dict:
     "How a model's inputs are prepared: working size, mirror padding, resampling and normalisation."
@@ -686,18 +716,25 @@ def preprocessing(cfg: Config) -> dict:
 
 # %% ../nbs/01_data.ipynb #fd88ebe4
 class SegDataset(Dataset):
-    "Items dict(image=float (3,S,S), mask=float (1,S,S) in {0,1}, index) from a `SegCache` and transforms; no mask when it has none."
-    def __init__(self, cache: SegCache, transform=None): self.cache, self.transform = cache, transform
+    "Items dict(image (3,S,S), mask (1,S,S) in {0,1}, index[, soft (C,S,S)]) from a `SegCache`, transforms, soft maps."
+    def __init__(self, cache: SegCache, transform=None,
+                 soft=None, # per-item soft maps aligned with `cache` (C,S,S), e.g. the teacher's (`07a_soft_labels`)
+                ):
+        self.cache, self.transform, self.soft = cache, transform, soft
     def __len__(self): return len(self.cache)
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         "Item `key`, or `(index, seed)` to draw its augmentation from its own seed (see `EpochSampler`)."
         i, seed = key if isinstance(key, tuple) else (key, None)
         img = tv_tensors.Image(torch.from_numpy(np.array(self.cache.images[i])).permute(2, 0, 1))
-        parts = (img,) if self.cache.masks is None else (img, tv_tensors.Mask(torch.from_numpy(np.array(self.cache.masks[i]))[None]))
-        if self.transform is not None: parts = self._transform(parts, seed)
-        img = parts[0].float() / 255 if parts[0].dtype == torch.uint8 else parts[0]
+        parts = {'image': img}
+        if self.cache.masks is not None: parts['mask'] = tv_tensors.Mask(torch.from_numpy(np.array(self.cache.masks[i]))[None])
+        if self.soft is not None: parts['soft'] = SoftMap(torch.as_tensor(np.array(self.soft[i]), dtype=torch.float32))
+        if self.transform is not None: parts = dict(zip(parts, self._transform(tuple(parts.values()), seed)))
+        img = parts['image'].float() / 255 if parts['image'].dtype == torch.uint8 else parts['image']
         item = dict(image=img.as_subclass(torch.Tensor), index=i)
-        return item if len(parts) == 1 else {**item, 'mask': parts[1].as_subclass(torch.Tensor).float()}
+        if 'mask' in parts: item['mask'] = parts['mask'].as_subclass(torch.Tensor).float()
+        if 'soft' in parts: item['soft'] = parts['soft'].as_subclass(torch.Tensor)
+        return item
 
     def _transform(self, parts: tuple, seed: int | None) -> tuple:
         "Apply the transforms jointly, from the global RNG or, given a seed, from a private one."
@@ -775,7 +812,8 @@ class MixedLoader:
         for dl in (self.masked, self.unlabeled): dl.sampler.set_epoch(epoch, start_batch * dl.batch_size)
     def __iter__(self):
         for batch, extra in zip(self.masked, self.unlabeled):
-            yield {**batch, 'unlabeled': extra['image'], 'unlabeled_index': extra['index']}
+            more = {'unlabeled_soft': extra['soft']} if 'soft' in extra else {}
+            yield {**batch, 'unlabeled': extra['image'], 'unlabeled_index': extra['index'], **more}
 
 def mixed_loader(masked: DataLoader, # the training loader of masked images
                  unlabeled: Dataset, # images without masks (a `SegDataset` of an images-only cache)
@@ -821,6 +859,7 @@ def split_data(cfg: Config) -> tuple[DataReport, dict[str, list[Sample]]]:
 def get_data(cfg: Config, # the resolved config
              batch_size: int | None = None, # training batch size (default: train.batch_size; the teacher may override it)
              unlabeled: bool = False, # mix images without masks into the training batches (the distilled student)
+             soft_labels=None, # (samples, cache) -> their soft maps, for the training images (`07a_soft_labels`)
             ) -> DataBundle:
     "Check, split, cache and load the data described by `cfg` (paths resolved)."
     d = cfg.data
@@ -829,13 +868,15 @@ def get_data(cfg: Config, # the resolved config
     if unlabeled and cfg.distill.unlabeled: unmasked += usable_samples(check_images(cfg.distill.unlabeled, d.cache_dir), d.skip_bad)
     caches = {k: build_cache(v, d.cache_dir, d.image_size, cfg.augment.mirror_pad, d.mask_resize) for k, v in splits.items() if v}
     datasets = {k: SegDataset(c, build_transforms(cfg.augment, k == 'train', d.image_size)) for k, c in caches.items()}
+    if soft_labels: datasets['train'].soft = soft_labels(splits['train'], caches['train'])
     bs = {'train': batch_size or cfg.train.batch_size}
     loaders = {k: build_loader(ds, bs.get(k, cfg.eval.batch_size), shuffle=k == 'train', num_workers=d.num_workers,
                                seed=cfg.train.seed, drop_last=k == 'train') for k, ds in datasets.items()}
     if unlabeled and unmasked and cfg.distill.unlabeled_ratio > 0:
         ucache = build_cache(unmasked, d.cache_dir, d.image_size, cfg.augment.mirror_pad, d.mask_resize)
-        loaders['train'] = mixed_loader(loaders['train'], SegDataset(ucache, datasets['train'].transform), cfg.distill.unlabeled_ratio,
-                                        d.num_workers, cfg.train.seed)
+        usoft = soft_labels(unmasked, ucache) if soft_labels else None
+        loaders['train'] = mixed_loader(loaders['train'], SegDataset(ucache, datasets['train'].transform, usoft),
+                                        cfg.distill.unlabeled_ratio, d.num_workers, cfg.train.seed)
     return DataBundle(report, splits, caches, datasets, loaders, unmasked)
 
 def labels_csv(data: DataBundle) -> str:

@@ -18,69 +18,70 @@ from .cli import distill_main
 from .core import KD_TERMS
 from .config import (Config, DistillTerm, ModelConfig, SkinkdError, config_from_args, with_default_config,
                            load_config, recipe_differences)
-from .learner import (Learner, SegTask, default_device, full_precision, is_main, term_contributions,
+from .data import denormalize
+from .learner import (Learner, SegTask, autocast, default_device, full_precision, is_main, term_contributions,
                             train_model, with_precision)
-from .losses import DistillationLoss, seg_loss_from_config
+from .losses import DistillationLoss, seg_loss_from_config, term_names
 from .metrics import per_image_metrics
-from .export import prepare_for_inference
-from .models import load_model
+from .soft_labels import cached_taps, freeze, load_teacher, soft_label_source
 
 # %% auto #0
-__all__ = ['main', 'freeze', 'load_teacher', 'DistillTask', 'student_task', 'check_baseline', 'uses_unlabeled',
-           'check_unlabeled_terms', 'train_student', 'run_mode', 'soft_maps', 'soft_map_figure', 'term_curves_figure',
-           'distill_command']
-
-# %% ../nbs/08_distill.ipynb #ff5c6ceb
-def freeze(model: nn.Module, channels_last: bool = True) -> nn.Module:
-    "An inference-only copy of `model`: eval mode, no gradients, BatchNorm folded, on this process's device."
-    model = prepare_for_inference(model.eval(), channels_last=channels_last, fold_bn=True)
-    return model.requires_grad_(False).to(default_device())
-
-def load_teacher(path: str | Path | None, student_cfg: ModelConfig, channels_last: bool = True) -> nn.Module:
-    "Load and freeze a teacher checkpoint that can teach a student configured as `student_cfg`."
-    if not path:
-        raise SkinkdError('--mode distill needs --teacher_weights PATH: the checkpoint written by skinkd_train_teacher '
-                          '(RUN/checkpoints/best.pt); use --mode raw to train the student without a teacher')
-    model, ck = load_model(path)
-    if ck['role'] != 'teacher':
-        raise SkinkdError(f"{path} is a {ck['role']} checkpoint, not a teacher; pass the teacher's checkpoint "
-                          '(skinkd_train_teacher writes RUN/checkpoints/best.pt)')
-    if ck['model_config']['num_classes'] != student_cfg.num_classes:
-        raise SkinkdError(f"{path}: the teacher predicts {ck['model_config']['num_classes']} classes but the student "
-                          f'is configured for {student_cfg.num_classes} (student.num_classes); they must match')
-    return freeze(model, channels_last)
+__all__ = ['main', 'DistillTask', 'student_task', 'soft_label_line', 'check_baseline', 'uses_unlabeled', 'check_unlabeled_terms',
+           'train_student', 'run_mode', 'soft_maps', 'soft_map_figure', 'term_curves_figure', 'cached_against_live',
+           'soft_label_agreement', 'cached_live_figure', 'distill_command']
 
 # %% ../nbs/08_distill.ipynb #0ed94081
 class DistillTask:
-    "Segmentation loss plus the configured distillation terms against a frozen teacher."
-    def __init__(self, seg_loss: nn.Module, kd: DistillationLoss, teacher: nn.Module, taps: list[str]):
-        self.seg_loss, self.kd, self.teacher, self.taps = seg_loss, kd, teacher, sorted(set(taps))
+    "Segmentation loss plus the configured distillation terms, against a frozen teacher or its cached soft labels."
+    def __init__(self, seg_loss: nn.Module, kd: DistillationLoss, teacher: nn.Module | None, taps: list[str],
+                 cached: set[str] = frozenset(), # taps read from the batch's cached soft labels ('logits')
+                ):
+        self.seg_loss, self.kd, self.teacher = seg_loss, kd, teacher
+        self.taps, self.cached = sorted(set(taps) - set(cached)), set(cached) & set(taps)
 
-    def teacher_taps(self, image: torch.Tensor) -> dict:
-        "The teacher's taps for `image`, computed without autograd (in the run's precision) and returned in fp32."
-        with torch.inference_mode(): feats = self.teacher(image, return_features=True)
-        return {k: feats[k].to(torch.float32, copy=True) for k in self.taps}  # a copy autograd may read
+    def teacher_taps(self, image: torch.Tensor, batch: dict | None = None) -> dict:
+        "The teacher's taps: live ones computed without autograd and returned in fp32, cached ones from `batch`."
+        out = {}
+        if self.taps:
+            with torch.inference_mode(): feats = self.teacher(image, return_features=True)
+            out = {k: feats[k].to(torch.float32, copy=True) for k in self.taps}  # a copy autograd may read
+        if self.cached:
+            soft = [batch['soft']] + ([batch['unlabeled_soft']] if 'unlabeled_soft' in batch else [])
+            out['logits'] = torch.cat(soft).to(image.device, torch.float32)
+        return out
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         "Segmentation loss on the masked images, distillation on all (with the batch's `unlabeled` ones), each term logged."
         image, extra = batch['image'], batch.get('unlabeled')
         x = image if extra is None else torch.cat([image, extra.to(image.dtype)])
-        student, teacher = model(x, return_features=True), self.teacher_taps(x)
+        student, teacher = model(x, return_features=True), self.teacher_taps(x, batch)
         with full_precision(x.device):  # the loss and every KD term in fp32, whatever the networks ran in
-            student = {k: student[k].float() for k in {*self.taps, 'logits'}}
+            student = {k: student[k].float() for k in {*self.taps, *self.cached, 'logits'}}
             seg = self.seg_loss(student['logits'][:len(image)], batch['mask'])
             kd, terms = self.kd(student, teacher, batch['mask'] if extra is None else None)
         return seg + kd, {'seg': seg.detach(), **{k: v.detach() for k, v in terms.items()}}
 
 # %% ../nbs/08_distill.ipynb #0fe21ebc
 def student_task(cfg: Config, mode: str, teacher: nn.Module | None):
-    "A `make_task` for `train_model`: plain segmentation ('raw') or distillation from `teacher`."
+    "A `make_task` for `train_model`: plain segmentation ('raw') or distillation from `teacher` (or its cache)."
     seg = seg_loss_from_config(cfg.train, cfg.student.num_classes)
+    taps, cached = [t.tap for t in cfg.distill.terms], cached_taps(cfg)
     def make(model: nn.Module):
         if mode == 'raw': return SegTask(seg), None
         kd = DistillationLoss(cfg.distill.terms, model.tap_channels, teacher.tap_channels)
-        return DistillTask(seg, kd, teacher, [t.tap for t in cfg.distill.terms]), kd
+        live = teacher if set(taps) - cached else None  # no live tap: the teacher is not needed while training
+        return DistillTask(seg, kd, live, taps, cached), kd
     return make
+
+def soft_label_line(cfg: Config) -> str | None:
+    "One line on what the cached soft labels serve and what still needs the live teacher, or None when live."
+    if not (cached := cached_taps(cfg)): return None
+    names = dict(zip(term_names(cfg.distill.terms), cfg.distill.terms))
+    served = [n for n, t in names.items() if t.tap in cached]
+    live = [n for n, t in names.items() if t.tap not in cached]
+    if not live: return f"soft labels: cached; {', '.join(served)} read them, and the teacher does not run while training"
+    return (f"soft labels: cached for {', '.join(served) or 'no term'}; {', '.join(live)} need the teacher's features, "
+            'so it still runs on every batch')
 
 def check_baseline(cfg: Config, # the config this student would train under
                    baseline: str | Path, # the other student's run folder (or its config.yaml)
@@ -122,7 +123,12 @@ def train_student(cfg: Config, # the resolved config
         raise SkinkdError('distill.terms is empty, so there is nothing to distil; add terms or use --mode raw')
     if mode == 'distill': check_unlabeled_terms(cfg)
     teacher = load_teacher(teacher_weights, cfg.student, cfg.train.channels_last) if mode == 'distill' else None
-    return train_model(cfg, cfg.student, role='student', mode=mode, make_task=student_task(cfg, mode, teacher))
+    soft = None
+    if mode == 'distill' and cached_taps(cfg):
+        soft = soft_label_source(with_precision(cfg, default_device())[0], teacher_weights)
+        if is_main(): print(soft_label_line(cfg))
+    return train_model(cfg, cfg.student, role='student', mode=mode, make_task=student_task(cfg, mode, teacher),
+                       soft_labels=soft)
 
 # %% ../nbs/08_distill.ipynb #7fb4c5a8
 def run_mode(cfg: Config, mode: str, teacher_weights: str | None = None, student_weights: str | None = None,
@@ -173,6 +179,54 @@ def term_curves_figure(history: list[dict], terms: list[DistillTerm], title: str
     for name, values in term_contributions(history, terms).items(): ax.plot(ep, values, marker='o', ms=3, label=name)
     ax.set(xlabel='epoch', ylabel='contribution to the training loss', yscale='log', title=f'{title}: loss terms, weights applied')
     ax.legend(fontsize=8); ax.grid(alpha=0.3, which='both'); fig.tight_layout()
+    return fig
+
+# %% ../nbs/08_distill.ipynb #2bed4256
+@torch.no_grad()
+def cached_against_live(teacher: nn.Module, # the frozen teacher
+                        dataset, # a training `SegDataset` with cached soft labels (`soft`) and its random transforms
+                        draws: list[tuple[int, int]], # (index, augmentation seed) pairs
+                        amp: str = 'none', # the precision the live teacher runs in
+                       ) -> dict[str, torch.Tensor]:
+    "For augmented draws: the image, its mask, the cached map moved with it, and the live teacher's map of it."
+    items = [dataset[d] for d in draws]
+    x = torch.stack([it['image'] for it in items])
+    dev = default_device()  # where `freeze` put the teacher
+    with autocast(dev, amp): live = teacher(x.to(dev)).float().cpu()
+    cached = torch.stack([it['soft'] for it in items])
+    return dict(image=x, mask=torch.stack([it['mask'] for it in items]), cached=torch.sigmoid(cached),
+                live=torch.sigmoid(live))
+
+def soft_label_agreement(maps: dict, threshold: float = 0.5) -> dict[str, float]:
+    "How far the cached maps are from the live teacher's, and how close each is to the augmented masks (Dice)."
+    cached, live, truth = (maps[k][:, 0] for k in ('cached', 'live', 'mask'))
+    dice = lambda p, q: float(per_image_metrics(p, q, with_hd95=False)['dice'].mean())
+    return dict(mean_abs_diff=float((cached - live).abs().mean()),
+                masks_disagree=float(((cached > threshold) != (live > threshold)).float().mean()),
+                dice_cached_live=dice(cached > threshold, live > threshold),
+                dice_cached_truth=dice(cached > threshold, truth > 0.5),
+                dice_live_truth=dice(live > threshold, truth > 0.5))
+
+# %% ../nbs/08_distill.ipynb #40bce995
+def cached_live_figure(maps: dict, n: int = 4):
+    "One row per draw: the augmented image with its mask, the cached map, the live teacher's map, their difference."
+    import matplotlib.pyplot as plt
+    n = min(n, len(maps['image']))
+    fig, axes = plt.subplots(n, 4, figsize=(9.5, 2.3 * n), squeeze=False)
+    for i in range(n):
+        c, l, m = maps['cached'][i, 0], maps['live'][i, 0], maps['mask'][i, 0]
+        axes[i, 0].imshow(denormalize(maps['image'][i]).permute(1, 2, 0))
+        axes[i, 0].contour(m > 0.5, levels=[0.5], colors='lime', linewidths=1)
+        axes[i, 1].imshow(c, vmin=0, vmax=1, cmap='magma')
+        axes[i, 2].imshow(l, vmin=0, vmax=1, cmap='magma')
+        axes[i, 3].imshow((c - l).abs(), vmin=0, vmax=1, cmap='viridis')
+        axes[i, 3].set_xlabel(f'mean |diff| {float((c - l).abs().mean()):.3f}', fontsize=8)
+    titles = ['augmented image, mask', 'cached map, moved with it', 'live teacher on it', '|cached - live|']
+    for j, t in enumerate(titles): axes[0, j].set_title(t, fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
     return fig
 
 # %% ../nbs/08_distill.ipynb #4fe164ce

@@ -25,61 +25,24 @@ from .config import (Config, EvalConfig, SkinkdError, atomic_write, config_from_
                            read_yaml, save_config, unique_names, with_default_config)
 from .core import staged_files
 from .data import build_cache, check_data, get_data, prepare_root, usable_samples
-from .data import normalize as imagenet_normalize  # `normalize` is a flag here
 from .learner import default_device, save_figure
 from .metrics import FLAGS, JACCARD_THRESHOLD, METRICS, per_image_metrics, probs_to_mask, score_at_original, summarize
-from .export import compile_for_inference, prepare_for_inference
+from .export import _to_input, compile_for_inference, predict, prepare_for_inference, trained_preprocessing
 from .models import count_macs, count_params, load_checkpoint, load_model
 from .overlays import ERROR_COLORS, overlay, save_predictions
 
 # %% auto #0
-__all__ = ['MODE_NAMES', 'VERDICT_HEADS', 'TABLE_METRICS', 'ERROR_KEY', 'PREPROCESSING_KEYS', 'main', 'EvaluationError',
-           'predict', 'score_model', 'binary_masks', 'cpu_latency', 'model_name', 'ModelResult', 'eval_settings',
-           'evaluate_checkpoint', 'bootstrap_ci', 'wilcoxon_p', 'paired_comparison', 'Verdict', 'dice_verdict',
-           'md_table', 'results_table', 'ratio_table', 'paired_table', 'box_plots', 'worst_cases_figure', 'Evaluation',
-           'pair_verdict', 'write_per_image_csv', 'write_json', 'report_markdown', 'evaluate_checkpoints',
-           'viewer_metrics', 'verdict_dict', 'metrics_record', 'trained_preprocessing', 'checkpoints_preprocessing',
-           'asked_keys', 'config_for_checkpoints', 'all_pairs_cache', 'split_cache', 'evaluate_from_config',
-           'evaluate_command', 'student_checkpoint', 'test_student', 'test_student_command']
+__all__ = ['MODE_NAMES', 'VERDICT_HEADS', 'TABLE_METRICS', 'ERROR_KEY', 'main', 'EvaluationError', 'score_model', 'binary_masks',
+           'cpu_latency', 'model_name', 'ModelResult', 'eval_settings', 'evaluate_checkpoint', 'bootstrap_ci',
+           'wilcoxon_p', 'paired_comparison', 'Verdict', 'dice_verdict', 'md_table', 'results_table', 'ratio_table',
+           'paired_table', 'box_plots', 'worst_cases_figure', 'Evaluation', 'pair_verdict', 'write_per_image_csv',
+           'write_json', 'report_markdown', 'evaluate_checkpoints', 'viewer_metrics', 'verdict_dict', 'metrics_record',
+           'checkpoints_preprocessing', 'asked_keys', 'config_for_checkpoints', 'all_pairs_cache', 'split_cache',
+           'evaluate_from_config', 'evaluate_command', 'student_checkpoint', 'test_student', 'test_student_command']
 
 # %% ../nbs/09_evaluate.ipynb #a6f85d00
 class EvaluationError(SkinkdError, ValueError):
     "A bad evaluation request: no checkpoints, an empty split, duplicate model names."
-
-# %% ../nbs/09_evaluate.ipynb #7521a8fa
-def _to_input(images: np.ndarray, normalize: bool = True) -> torch.Tensor:
-    "A float (N,3,S,S) batch from uint8 (N,S,S,3) images, ImageNet-normalised like the evaluation transforms."
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
-    if not normalize: return x
-    return imagenet_normalize(x)
-
-def _probs(model, x: torch.Tensor) -> torch.Tensor:
-    "Probabilities of one batch: sigmoid (1 channel) or softmax."
-    logits = model(x).float()
-    return torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(1)
-
-def _tta_probs(model, x: torch.Tensor) -> torch.Tensor:
-    "Mean probabilities over the identity, horizontal and vertical flips."
-    return (_probs(model, x) + _probs(model, x.flip(-1)).flip(-1) + _probs(model, x.flip(-2)).flip(-2)) / 3
-
-# %% ../nbs/09_evaluate.ipynb #0c4a2998
-@torch.no_grad()
-def predict(model: torch.nn.Module, # a segmentation model returning (N,C,S,S) logits
-            cache, # a `SegCache` (or anything with `.images` (N,S,S,3) uint8)
-            indices=None, # cache indices to predict (default: all)
-            tta: bool = False, # average flip predictions
-            batch_size: int = 8, # images per forward pass
-            normalize: bool = True, # ImageNet normalisation (as `augment.normalize`)
-            device: str | torch.device = 'cpu', # where to run the model
-           ) -> torch.Tensor:
-    "Probabilities (N,C,S,S) float32 on the CPU for the cached images at `indices`."
-    indices = list(range(len(cache.images))) if indices is None else [int(i) for i in indices]
-    model = model.eval().to(device)
-    out = []
-    for s in range(0, len(indices), batch_size):
-        x = _to_input(cache.images[indices[s:s + batch_size]], normalize).to(device)
-        out.append((_tta_probs if tta else _probs)(model, x).cpu())
-    return torch.cat(out) if out else torch.zeros(0, 1, *cache.images.shape[1:3])
 
 # %% ../nbs/09_evaluate.ipynb #46f877d8
 def score_model(probs: torch.Tensor, # (N,C,S,S) probabilities from `predict`
@@ -447,20 +410,6 @@ def _write_outputs(ev: Evaluation, images, truth, focus: ModelResult, gallery_k:
         atomic_write(f['report'], lambda fh: fh.write(text.encode()))
 
 # %% ../nbs/09_evaluate.ipynb #1213a2bf
-PREPROCESSING_KEYS = {'image_size': 'data.image_size', 'mirror_pad': 'augment.mirror_pad',
-                      'mask_resize': 'data.mask_resize', 'normalize': 'augment.normalize'}  # checkpoint record -> config key
-
-def _dotted_get(d: Mapping, key: str):
-    "d['a']['b'] for key 'a.b' (None when a part is missing)."
-    for part in key.split('.'): d = d.get(part) if isinstance(d, Mapping) else None
-    return d
-
-def trained_preprocessing(ckpt: dict) -> dict:
-    "The input settings a checkpoint was trained with, as {config key: value} ({} when the file does not say)."
-    pre, config = ckpt.get('preprocessing') or {}, (ckpt.get('extra') or {}).get('config')
-    if pre: return {key: pre[k] for k, key in PREPROCESSING_KEYS.items() if k in pre}
-    return {key: v for key in PREPROCESSING_KEYS.values() if (v := _dotted_get(config or {}, key)) is not None}
-
 def checkpoints_preprocessing(paths: list) -> dict:
     "The input settings shared by the checkpoints `paths`; an `EvaluationError` naming two that disagree."
     agreed, source = {}, {}

@@ -18,7 +18,7 @@ from .cli import experiment_main
 from .config import (Config, DistillTerm, SkinkdError, SMOKE_OVERRIDES, atomic_write,
                            config_from_args, differences, flat_config, load_config, save_config, stage_recipe)
 from .distill import train_student
-from .evaluate import (VERDICT_HEADS, ModelResult, Verdict, dice_verdict, evaluate_checkpoint, md_table,
+from .evaluate import (VERDICT_HEADS, ModelResult, Verdict, all_pairs_cache, dice_verdict, evaluate_checkpoint, md_table,
                              split_cache, verdict_dict, write_json, write_per_image_csv)
 from .learner import PRECISION_NAMES, is_main, recorded_precision, save_figure
 from .teacher import train_teacher
@@ -26,8 +26,9 @@ from .teacher import train_teacher
 # %% auto #0
 __all__ = ['NOT_EXPERIMENT', 'NAMES', 'main', 'Run', 'ablation_variants', 'experiment_plan', 'read_done', 'train_once',
            'claim_folder', 'gap_recovered', 'seed_table', 'pooled', 'effect_table', 'experiment_figure', 'train_models',
-           'score_models', 'summarize_experiment', 'total_train_minutes', 'report_text', 'experiment_json',
-           'write_report', 'run_experiment', 'experiment_command']
+           'score_models', 'external_config', 'score_external', 'summarize_experiment', 'total_train_minutes',
+           'external_section', 'report_text', 'external_json', 'experiment_json', 'write_report', 'run_experiment',
+           'experiment_command']
 
 # %% ../nbs/12_experiment.ipynb #f1ea2c97
 @dataclass
@@ -170,6 +171,20 @@ def score_models(cfg: Config, done: dict[str, dict]) -> tuple[dict[str, ModelRes
                for name, d in done.items()}
     return results, list(cache.ids)
 
+def external_config(cfg: Config, folder: str | Path) -> Config:
+    "`cfg` pointed at another data folder, every pair of which is scored (no split, no synthetic data)."
+    data = replace(cfg.data, root=str(Path(folder).resolve()), layout='auto', synthetic_n=0, split_file=None,
+                   groups_file=None)
+    return replace(cfg, data=data)
+
+def score_external(cfg: Config, done: dict[str, dict], folder: str | Path) -> tuple[dict[str, ModelResult], list[str]]:
+    "Score every trained model on all image/mask pairs of `folder` (`--split all`), at the configured resolution."
+    cache = all_pairs_cache(external_config(cfg, folder))
+    results = {name: evaluate_checkpoint(d['checkpoint'], cache, range(len(cache)), cfg.eval, name, cfg.augment.normalize,
+                                         latency_runs=1)
+               for name, d in done.items()}
+    return results, list(cache.ids)
+
 def summarize_experiment(results: dict[str, ModelResult], done: dict[str, dict], seeds: list[int], variants: list[str]) -> dict:
     "Everything the report shows: per-seed Dice, mean ± sd, pooled verdicts, gap shares and training times."
     t, per = results['teacher'], {(s, v): results[f'seed{s}/{v}'].per_image['dice'] for s in seeds for v in variants}
@@ -186,8 +201,18 @@ def total_train_minutes(done: dict[str, dict]) -> float:
     "The summed training wall-clock of every model trained here (a reused teacher counts 0), in minutes."
     return sum(d['train_seconds'] for d in done.values() if math.isfinite(d['train_seconds'])) / 60
 
+def external_section(folder: str, s: dict, n: int, seeds: list[int], variants: list[str]) -> str:
+    "The report's section on one external folder: Dice per seed and the pooled verdict."
+    header, rows = seed_table(s['dice'], s['teacher_dice'], seeds, variants)
+    verdict = s['verdicts']['distill']
+    return '\n\n'.join([f'## External folder `{folder}`',
+                         f'All {n} image/mask pairs (none of them trained on), scored like the test split. '
+                         f'**{verdict.lines()[0]}**', md_table(header, rows), effect_table(s['verdicts'], s['gaps'])])
+
 def report_text(s: dict, results: dict[str, ModelResult], done: dict[str, dict], seeds: list[int], variants: list[str],
-                cfg: Config, wall: float) -> str:
+                cfg: Config, wall: float,
+                external: dict[str, tuple[dict, int]] | None = None, # folder -> (its summary, images scored)
+               ) -> str:
     "The experiment's markdown report; its first line is the verdict."
     v, n = s['verdicts']['distill'], len(results['teacher'].per_image['dice'])
     lines = [f'**{line}**' for line in v.lines()]
@@ -203,33 +228,43 @@ def report_text(s: dict, results: dict[str, ModelResult], done: dict[str, dict],
         '## Test Dice per seed', md_table(header, rows),
         f'## Pooled paired difference ({len(seeds)} seeds × {n} images)\n\nThe bootstrap resamples test images, keeping all '
         'seeds of an image together; Wilcoxon tests each image\'s mean difference over the seeds.', effect_table(s['verdicts'], s['gaps']),
+        *[external_section(f, e, n_e, seeds, variants) for f, (e, n_e) in (external or {}).items()],
         '## Training', md_table(['model', 'seed', 'epochs', 'best val Dice', 'training time', 'precision'], times),
         '![experiment](experiment.png)']) + '\n'
 
-def experiment_json(s: dict, results: dict[str, ModelResult], done: dict[str, dict], seeds: list[int], wall: float) -> dict:
+def external_json(s: dict, n: int) -> dict:
+    "The record of one external folder: images, each model's mean Dice, the pooled comparisons."
+    return dict(n_images=n, dice={f'seed{k[0]}/{k[1]}': v for k, v in s['dice'].items()} | {'teacher': s['teacher_dice']},
+                verdict=verdict_dict(s['verdicts']['distill']), pooled={k: verdict_dict(v) for k, v in s['verdicts'].items()},
+                gap_recovered={k: (None if math.isnan(g) else g) for k, g in s['gaps'].items()})
+
+def experiment_json(s: dict, results: dict[str, ModelResult], done: dict[str, dict], seeds: list[int], wall: float,
+                    external: dict[str, tuple[dict, int]] | None = None) -> dict:
     "The machine-readable record: the verdict, every model's test metrics and training, the pooled comparisons."
     models = {k: {**{m: r.summary[m] for m in ('dice', 'jaccard', 'thresholded_jaccard', 'hd95', 'hd95_misses', 'failure_rate')},
                   **done[k], 'params': r.params, 'cpu_latency_s': r.latency_s} for k, r in results.items()}
     return dict(verdict=verdict_dict(s['verdicts']['distill']), seeds=seeds, n_test_images=len(results['teacher'].per_image['dice']),
                 models=models, pooled={k: verdict_dict(v) for k, v in s['verdicts'].items()},
                 gap_recovered={k: (None if math.isnan(g) else g) for k, g in s['gaps'].items()}, wall_seconds=round(wall, 1),
-                train_seconds_total=round(60 * total_train_minutes(done), 1))
+                train_seconds_total=round(60 * total_train_minutes(done), 1),
+                external={f: external_json(e, n) for f, (e, n) in (external or {}).items()})
 
 def write_report(out: Path, s: dict, results: dict, ids: list[str], done: dict, seeds: list[int], variants: list[str],
-                 cfg: Config, wall: float) -> dict:
+                 cfg: Config, wall: float, external: dict[str, tuple[dict, int]] | None = None) -> dict:
     "Write experiment.md, experiment.json, per_image.csv and experiment.png; return the JSON record."
-    record = experiment_json(s, results, done, seeds, wall)
+    record = experiment_json(s, results, done, seeds, wall, external)
     diff = np.mean([s['per_image'][k, 'distill'] - s['per_image'][k, 'raw'] for k in seeds], 0)
     write_per_image_csv(out / 'per_image.csv', ids, list(results.values()))
     save_figure(experiment_figure(s['dice'], s['teacher_dice'], seeds, variants, diff, s['verdicts']['distill']), out / 'experiment.png')
     write_json(out / 'experiment.json', record)
-    atomic_write(out / 'experiment.md', lambda f: f.write(report_text(s, results, done, seeds, variants, cfg, wall).encode()))
+    atomic_write(out / 'experiment.md', lambda f: f.write(report_text(s, results, done, seeds, variants, cfg, wall, external).encode()))
     return record
 
 def run_experiment(cfg: Config, # resolved config; output.run_dir is the experiment folder
                    seeds: list[int], # student seeds
                    teacher_weights: str | None = None, # reuse this teacher instead of training one
                    ablation: bool = False, # also distil with the logit term only and the feature terms only
+                   external: list[str] = (), # more data folders, every pair of which is scored (`--external`)
                   ) -> dict:
     "Teacher once, then seeds x (raw, distilled [, ablation]); score all on the test split; write the report."
     start, out = time.time(), Path(cfg.output.run_dir)
@@ -239,15 +274,22 @@ def run_experiment(cfg: Config, # resolved config; output.run_dir is the experim
     results, ids = score_models(cfg, done)
     variants = list(dict.fromkeys(r.variant for r in plan))
     summary = summarize_experiment(results, done, seeds, variants)
-    return write_report(out, summary, results, ids, done, seeds, variants, cfg, time.time() - start) if is_main() else {}
+    more = {}
+    for folder in external:
+        ext_results, _ = score_external(cfg, done, folder)
+        more[str(folder)] = (summarize_experiment(ext_results, done, seeds, variants), len(ext_results['teacher'].masks))
+    if not is_main(): return {}
+    return write_report(out, summary, results, ids, done, seeds, variants, cfg, time.time() - start, more)
 
 # %% ../nbs/12_experiment.ipynb #d48e5bc1
 def experiment_command(args: argparse.Namespace) -> dict:
     "What `skinkd_experiment --config C --seeds ... --out DIR` does (options: `skinkd.cli`); prints the verdict."
     if args.smoke: args.overrides = [*SMOKE_OVERRIDES, *args.overrides]
     cfg = config_from_args(args)
-    record = run_experiment(cfg, args.seeds, args.teacher_weights, args.ablation)
-    if is_main(): print('\n'.join(record['verdict']['lines']) + f"\nreport: {Path(cfg.output.run_dir) / 'experiment.md'}")
+    record = run_experiment(cfg, args.seeds, args.teacher_weights, args.ablation, args.external)
+    if is_main():
+        for folder, e in record['external'].items(): print(f"{folder}: {e['verdict']['lines'][0]}")
+        print('\n'.join(record['verdict']['lines']) + f"\nreport: {Path(cfg.output.run_dir) / 'experiment.md'}")
     return record
 
 main = experiment_main  # the console script: parses in skinkd.cli, then calls experiment_command

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Mapping
 import glob
 import os
 import platform
@@ -24,14 +25,16 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .cli import export_main
 from .core import SkinkdError, atomic_write, disk_error
 from .data import load_image, normalize, prepare_image
+from .data import normalize as imagenet_normalize
 from .models import load_model, unwrap
 
 # %% auto #0
-__all__ = ['FORMATS', 'ISA_NAMES', 'DEFAULT_TOL', 'CHECK_IMAGES', 'export_cli', 'fold_batchnorm', 'freeze_for_cpu',
-           'CompiledForInference', 'compile_for_inference', 'prepare_for_inference', 'example_input', 'OnnxModel',
-           'export_model', 'run_exported', 'cpu_flags', 'int8_instructions', 'cpu_description', 'mask_agreement',
-           'lesion_masks', 'masks_dice', 'spread_pick', 'calibration_inputs', 'quantize_model', 'training_images',
-           'calibration_files', 'int8_inputs', 'export_checkpoint', 'export_command']
+__all__ = ['PREPROCESSING_KEYS', 'FORMATS', 'ISA_NAMES', 'DEFAULT_TOL', 'CHECK_IMAGES', 'export_cli', 'fold_batchnorm',
+           'freeze_for_cpu', 'CompiledForInference', 'compile_for_inference', 'prepare_for_inference',
+           'trained_preprocessing', 'view_probs', 'predict', 'example_input', 'OnnxModel', 'export_model',
+           'run_exported', 'cpu_flags', 'int8_instructions', 'cpu_description', 'mask_agreement', 'lesion_masks',
+           'masks_dice', 'spread_pick', 'calibration_inputs', 'quantize_model', 'training_images', 'calibration_files',
+           'int8_inputs', 'export_checkpoint', 'export_command']
 
 # %% ../nbs/03a_export.ipynb #380e8328
 def _conv_bn_pairs(parent: nn.Module):
@@ -81,6 +84,74 @@ def prepare_for_inference(model: nn.Module, channels_last: bool = True, fold_bn:
     if channels_last: model = model.to(memory_format=torch.channels_last)
     return compile_for_inference(model) if compile else model
 
+
+# %% ../nbs/03a_export.ipynb #5736ff6c
+PREPROCESSING_KEYS = {'image_size': 'data.image_size', 'mirror_pad': 'augment.mirror_pad',
+                      'mask_resize': 'data.mask_resize', 'normalize': 'augment.normalize'}  # checkpoint record -> config key
+
+def _dotted_get(d: Mapping, key: str):
+    "d['a']['b'] for key 'a.b' (None when a part is missing)."
+    for part in key.split('.'): d = d.get(part) if isinstance(d, Mapping) else None
+    return d
+
+def trained_preprocessing(ckpt: dict) -> dict:
+    "The input settings a checkpoint was trained with, as {config key: value} ({} when the file does not say)."
+    pre, config = ckpt.get('preprocessing') or {}, (ckpt.get('extra') or {}).get('config')
+    if pre: return {key: pre[k] for k, key in PREPROCESSING_KEYS.items() if k in pre}
+    return {key: v for key in PREPROCESSING_KEYS.values() if (v := _dotted_get(config or {}, key)) is not None}
+
+
+# %% ../nbs/03a_export.ipynb #7521a8fa
+def _to_input(images: np.ndarray, normalize: bool = True) -> torch.Tensor:
+    "A float (N,3,S,S) batch from uint8 (N,S,S,3) images, ImageNet-normalised like the evaluation transforms."
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+    if not normalize: return x
+    return imagenet_normalize(x)
+
+def _probs(model, x: torch.Tensor) -> torch.Tensor:
+    "Probabilities of one batch: sigmoid (1 channel) or softmax."
+    logits = model(x).float()
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(1)
+
+def _tta_probs(model, x: torch.Tensor) -> torch.Tensor:
+    "Mean probabilities over the identity, horizontal and vertical flips."
+    return (_probs(model, x) + _probs(model, x.flip(-1)).flip(-1) + _probs(model, x.flip(-2)).flip(-2)) / 3
+
+def _scaled_probs(model, x: torch.Tensor, scale: float, tta: bool) -> torch.Tensor:
+    "Probabilities of `x` seen at `scale` times its size, resized back (bilinear) to it."
+    size = x.shape[-2:]
+    if scale != 1.0:
+        side = [max(8, round(s * scale)) for s in size]
+        x = F.interpolate(x, size=side, mode='bilinear', align_corners=False, antialias=scale < 1)
+    p = (_tta_probs if tta else _probs)(model, x)
+    return p if scale == 1.0 else F.interpolate(p, size=size, mode='bilinear', align_corners=False)
+
+def view_probs(model, x: torch.Tensor, # a normalised (N,3,S,S) batch
+               tta: bool = False, # also the flipped images
+               scales=(1.0,), # input sizes relative to S; each view's answer is resized back to S
+              ) -> torch.Tensor:
+    "Mean probabilities over the views of a batch: every scale, each with its flips when `tta`."
+    return sum(_scaled_probs(model, x, s, tta) for s in scales) / len(scales)
+
+# %% ../nbs/03a_export.ipynb #0c4a2998
+@torch.no_grad()
+def predict(model: torch.nn.Module, # a segmentation model returning (N,C,S,S) logits
+            cache, # a `SegCache` (or anything with `.images` (N,S,S,3) uint8)
+            indices=None, # cache indices to predict (default: all)
+            tta: bool = False, # average flip predictions
+            batch_size: int = 8, # images per forward pass
+            normalize: bool = True, # ImageNet normalisation (as `augment.normalize`)
+            device: str | torch.device = 'cpu', # where to run the model
+            scales=(1.0,), # input scales averaged, relative to the cached size (see `view_probs`)
+           ) -> torch.Tensor:
+    "Probabilities (N,C,S,S) float32 on the CPU for the cached images at `indices`."
+    indices = list(range(len(cache.images))) if indices is None else [int(i) for i in indices]
+    model = model.eval().to(device)
+    out = []
+    for s in range(0, len(indices), batch_size):
+        x = _to_input(cache.images[indices[s:s + batch_size]], normalize).to(device)
+        out.append(view_probs(model, x, tta, scales).cpu())
+    return torch.cat(out) if out else torch.zeros(0, 1, *cache.images.shape[1:3])
 
 # %% ../nbs/03a_export.ipynb #058752e4
 def _require(module: str):

@@ -35,12 +35,13 @@ from .losses import term_names
 from .models import is_resumable, load_checkpoint, prepare_for_training, save_checkpoint, unwrap
 
 # %% auto #0
-__all__ = ['ONEDNN_BF16_ISAS', 'PRECISION_NAMES', 'RUN_TITLES', 'set_seed', 'rng_state', 'set_rng_state', 'init_distributed',
-           'is_main', 'default_device', 'lr_factor', 'build_optimizer', 'build_scheduler', 'cpu_bf16_isa', 'onednn_cap',
-           'native_bf16', 'Precision', 'resolve_precision', 'with_precision', 'recorded_precision', 'autocast',
-           'full_precision', 'SegTask', 'to_device', 'validate', 'set_loader_epoch', 'progress_enabled',
-           'duration_text', 'write_history', 'save_figure', 'term_contributions', 'history_figure', 'Learner',
-           'average_gradients', 'resume_conflicts', 'best_matches', 'train_model']
+__all__ = ['ONEDNN_BF16_ISAS', 'PRECISION_NAMES', 'RUN_TITLES', 'SOFT_LABEL_KEYS', 'set_seed', 'rng_state', 'set_rng_state',
+           'init_distributed', 'is_main', 'default_device', 'lr_factor', 'build_optimizer', 'build_scheduler',
+           'cpu_bf16_isa', 'onednn_cap', 'native_bf16', 'Precision', 'resolve_precision', 'with_precision',
+           'recorded_precision', 'autocast', 'full_precision', 'SegTask', 'to_device', 'validate', 'set_loader_epoch',
+           'progress_enabled', 'duration_text', 'write_history', 'save_figure', 'term_contributions', 'history_figure',
+           'Learner', 'average_gradients', 'changed_targets', 'resume_refusal', 'resume_conflicts', 'best_matches',
+           'train_model']
 
 # %% ../nbs/06_learner.ipynb #83236a14
 def set_seed(seed: int, deterministic: bool = False):
@@ -445,12 +446,24 @@ def save_best(self: Learner, metrics: dict) -> Path:
                            epoch=self.epoch, metrics={k: float(v) for k, v in metrics.items()},
                            extra=dict(mode=self.mode, config=asdict(self.cfg)), preprocessing=preprocessing(self.cfg))
 
+SOFT_LABEL_KEYS = ('terms', 'soft_labels', 'cache_tta', 'cache_scales', 'ensemble')  # what a distillation's targets depend on
+
+def changed_targets(ck: dict, cfg: Config) -> list[str]:
+    "The distillation keys a checkpoint's run was trained under that `cfg` changes (its terms and soft labels)."
+    was = from_dict(DistillConfig, ck['extra']['config']['distill'], 'distill')
+    return [f'distill.{k}' for k in SOFT_LABEL_KEYS if getattr(was, k) != getattr(cfg.distill, k)]
+
+def resume_refusal(path: Path, changed: list[str]) -> SkinkdError:
+    "The one-line refusal to resume `path` under changed settings."
+    return SkinkdError(f"cannot resume {path}: changed since it was written: {', '.join(changed)}; "
+                       'restore them, or start a new run with another --out')
+
 def resume_conflicts(ck: dict, cfg: Config, model_cfg: ModelConfig) -> list[str]:
     "The settings a checkpoint cannot be resumed under: architecture, optimiser, precision, KD terms, batch geometry."
     mode, saved = ck['extra']['mode'], ck['extra']['config']
     was, now = stage_recipe(from_dict(TrainConfig, saved['train'], 'train'), mode), stage_recipe(cfg.train, mode)
     out = [recipe_source(cfg.train, k, mode) for k in ('optimizer', 'amp', 'batch_size', 'accumulate') if getattr(was, k) != getattr(now, k)]
-    if mode == 'distill' and from_dict(DistillConfig, saved['distill'], 'distill').terms != cfg.distill.terms: out.append('distill.terms')
+    if mode == 'distill': out += changed_targets(ck, cfg)
     if ck['model_config'] != asdict(model_cfg): out.append(f"the {ck['role']} model section")
     world = dist.get_world_size() if dist.is_initialized() else 1
     if ck['extra'].get('world_size', 1) != world: out.append(f"the number of processes ({ck['extra'].get('world_size', 1)} -> {world})")
@@ -468,10 +481,7 @@ def resume(self: Learner):
     if extra.get('mode') != self.mode:
         raise SkinkdError(f"cannot resume: {path} is a '{extra.get('mode')}' run, not '{self.mode}'; use another --out")
     self.keep_precision(extra['config']['train']['amp'])
-    changed = resume_conflicts(ck, self.cfg, self.model_cfg)
-    if changed:
-        raise SkinkdError(f"cannot resume {path}: changed since it was written: {', '.join(changed)}; "
-                          'restore them, or start a new run with another --out')
+    if changed := resume_conflicts(ck, self.cfg, self.model_cfg): raise resume_refusal(path, changed)
     unwrap(self.model).load_state_dict(ck['model']); self.opt.load_state_dict(ck['optimizer'])
     self.sched.load_state_dict(ck['scheduler'])
     if ck['scaler']: self.scaler.load_state_dict(ck['scaler'])  # empty where the run had no loss scaling
@@ -531,12 +541,16 @@ def train_model(cfg: Config, # the resolved config
                 mode: str, # 'teacher', 'raw' or 'distill', recorded in the checkpoint
                 make_task, # model -> (task, extra trainable modules or None)
                 data=None, # a `skinkd.data.DataBundle` (default: built from cfg)
+                soft_labels=None, # (samples, cache) -> soft maps for the training images (`07a_soft_labels`)
                ) -> Learner:
     "Seed, build the model and the data, and train: the one entry point of every training mode."
     from skinkd.data import get_data, labels_csv
     from skinkd.models import build_model
     init_distributed(); set_seed(cfg.train.seed, cfg.train.deterministic)
-    data = data or get_data(cfg, stage_recipe(cfg.train, mode).batch_size, unlabeled=mode == 'distill')
+    last = Path(cfg.output.run_dir) / 'checkpoints' / 'last.pt'
+    if mode == 'distill' and cfg.train.resume and last.is_file() and (changed := changed_targets(load_checkpoint(last), cfg)):
+        raise resume_refusal(last, changed)  # before the data and any soft labels are built
+    data = data or get_data(cfg, stage_recipe(cfg.train, mode).batch_size, mode == 'distill', soft_labels)
     missing = [s for s in ('train', 'val') if s not in data.loaders]
     if missing:
         raise SkinkdError(f"the data in {cfg.data.root} has no {' or '.join(missing)} split; set data.val_fraction > 0 "

@@ -21,8 +21,7 @@ from tqdm.auto import tqdm
 from .cli import predict_main
 from .core import DataError, SkinkdError, atomic_write, unique_names
 from .data import IMAGE_EXTS, image_samples, load_image, prepare_image, restore_original
-from .evaluate import predict, trained_preprocessing
-from .export import prepare_for_inference
+from .export import predict, prepare_for_inference, trained_preprocessing
 from .learner import default_device, progress_enabled
 from .models import load_model
 from .overlays import overlay

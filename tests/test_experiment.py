@@ -8,6 +8,7 @@ import papermill as pm
 import pytest
 
 from skinkd.config import load_config
+from skinkd.synthetic import make_synthetic
 
 from conftest import REPO
 
@@ -50,14 +51,21 @@ def test_chapter_writes_the_experiment_record(chapter):
 def test_cli_reuses_a_teacher_and_refuses_another_experiment_in_the_same_folder(chapter):
     out, tmp = chapter
     teacher = out / 'teacher' / 'checkpoints' / 'best.pt'
+    make_synthetic(tmp / 'external', 6, 40, seed=9)   # another folder, never trained on, at another size
     cmd = ['skinkd_experiment', '--config', str(REPO / 'configs' / 'demo.yaml'), '--smoke', '--seeds', '3',
            '--teacher_weights', str(teacher), '--out', str(tmp / 'cli')]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp)
+    p = subprocess.run([*cmd, '--external', str(tmp / 'external')], capture_output=True, text=True, env=ENV, cwd=tmp)
     assert p.returncode == 0, p.stderr
     record = json.loads((tmp / 'cli' / 'experiment.json').read_text())
     assert sorted(record['models']) == ['seed3/distill', 'seed3/raw', 'teacher'] and not (tmp / 'cli' / 'teacher').exists()
     assert record['models']['teacher']['checkpoint'] == str(teacher)
     assert record['verdict']['lines'][-1] in p.stdout and 'experiment.md' in p.stdout.splitlines()[-1]
+    ext = record['external'][str(tmp / 'external')]
+    assert ext['n_images'] == 6 and sorted(ext['dice']) == ['seed3/distill', 'seed3/raw', 'teacher']
+    assert all(0 <= d <= 1 for d in ext['dice'].values()) and ext['verdict']['n_images'] == 6
+    assert f"{tmp / 'external'}: {ext['verdict']['lines'][0]}" in p.stdout
+    report = (tmp / 'cli' / 'experiment.md').read_text()
+    assert f"## External folder `{tmp / 'external'}`" in report and 'All 6 image/mask pairs' in report
     bad = subprocess.run([*cmd, '--set', 'train.lr=0.5'], capture_output=True, text=True, env=ENV, cwd=tmp)
     assert bad.returncode == 1 and 'Traceback' not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert 'holds an experiment with another config (train.lr (0.001 vs 0.5))' in bad.stderr
