@@ -231,6 +231,8 @@ class DistillConfig:
                                    'distillation terms; an empty list trains without the teacher')
     unlabeled: Optional[str] = opt(None, 'folder of images without masks that the distilled student also learns from, '
                                          'through the teacher (a plain image folder, or a dataset folder of any layout)')
+    unlabeled_synthetic_n: int = opt(0, 'generate this many synthetic images without masks at distill.unlabeled when '
+                                     "it is missing (the demo's pool; seed data.synthetic_seed + 1)", lo=0)
     unlabeled_ratio: float = opt(1.0, 'unlabelled images per masked image in each distillation batch (0: none)', lo=0.0, hi=16.0)
     soft_labels: str = opt('live', "where terms on the logits get the teacher's output: live (the teacher runs on every "
                            'augmented batch) or cached (once per training image, stored beside the image cache)',
@@ -326,6 +328,9 @@ def _check_soft_labels(d: DistillConfig, path: str):
     if not d.cache_scales or min(d.cache_scales) <= 0:
         raise ConfigError(f"config key '{_join(path, 'cache_scales')}' is {d.cache_scales}; "
                           'it must list one or more positive scales, e.g. [1.0] or [0.75, 1.0, 1.25]')
+    if d.unlabeled_synthetic_n and not d.unlabeled:
+        raise ConfigError(f"config key '{_join(path, 'unlabeled_synthetic_n')}' generates a pool of images at "
+                          f"{_join(path, 'unlabeled')}; set that folder too")
     if d.ensemble and d.soft_labels != 'cached':
         raise ConfigError(f"config key '{_join(path, 'ensemble')}' averages teachers into cached soft labels; "
                           f"set {_join(path, 'soft_labels')}: cached, or drop the list")

@@ -48,8 +48,8 @@ __all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'ISIC_PARTS', 'SPLITS', 'EXIF_ORIENTAT
            'mirror_pad_to_square', 'prepare_image', 'prepare_pair', 'restore_original', 'file_checksum',
            'write_manifest', 'verify_cache', 'cache_key', 'SegCache', 'build_folder', 'build_cache', 'normalize',
            'denormalize', 'build_transforms', 'SoftMap', 'preprocessing', 'SegDataset', 'item_seed', 'EpochSampler',
-           'seed_worker', 'build_loader', 'MixedLoader', 'mixed_loader', 'DataBundle', 'prepare_root', 'split_data',
-           'get_data', 'labels_csv']
+           'seed_worker', 'build_loader', 'MixedLoader', 'mixed_loader', 'DataBundle', 'prepare_root', 'prepare_pool',
+           'split_data', 'get_data', 'labels_csv']
 
 # %% ../nbs/01_data.ipynb #52f57b6a
 class Sample(NamedTuple):
@@ -840,14 +840,24 @@ class DataBundle:
     loaders: dict[str, DataLoader]
     unlabeled: list[Sample] = field(default_factory=list)  # training images without masks (data.labeled_fraction, distill.unlabeled)
 
+def _synthesize(folder: Path, n: int, size: int, seed: int, masks: bool = True):
+    "Generate a synthetic set in `folder` when asked for (`n` > 0) and it is missing or was generated (a no-op if alike)."
+    if n > 0 and (not folder.exists() or (folder / 'synthetic.json').is_file()):
+        make_synthetic(folder, n, size, seed, masks)
+
 def prepare_root(cfg: Config) -> Path:
     "The data root, generating the synthetic set there first when asked for and missing (or generated with other settings)."
     root, d = Path(cfg.data.root), cfg.data
-    if d.synthetic_n > 0 and (not root.exists() or (root / 'synthetic.json').is_file()):  # a no-op when it holds exactly this set
-        make_synthetic(root, d.synthetic_n, d.image_size, d.synthetic_seed)
+    _synthesize(root, d.synthetic_n, d.image_size, d.synthetic_seed)
     if not root.exists():
         raise DataError(f'data folder {root} not found; set data.root, set data.synthetic_n > 0, or run skinkd_synth --out {root}')
     return root
+
+def prepare_pool(cfg: Config) -> Path:
+    "The folder of images without masks (distill.unlabeled), generating the synthetic pool there first when asked for."
+    pool = Path(cfg.distill.unlabeled)
+    _synthesize(pool, cfg.distill.unlabeled_synthetic_n, cfg.data.image_size, cfg.data.synthetic_seed + 1, masks=False)
+    return pool
 
 def split_data(cfg: Config) -> tuple[DataReport, dict[str, list[Sample]]]:
     "Check the data `cfg` describes and split its usable pairs into train/val/test, as training does."
@@ -865,7 +875,7 @@ def get_data(cfg: Config, # the resolved config
     d = cfg.data
     report, splits = split_data(cfg)
     splits['train'], unmasked = split_labeled(splits['train'], d.labeled_fraction, d.split_seed)
-    if unlabeled and cfg.distill.unlabeled: unmasked += usable_samples(check_images(cfg.distill.unlabeled, d.cache_dir), d.skip_bad)
+    if unlabeled and cfg.distill.unlabeled: unmasked += usable_samples(check_images(prepare_pool(cfg), d.cache_dir), d.skip_bad)
     caches = {k: build_cache(v, d.cache_dir, d.image_size, cfg.augment.mirror_pad, d.mask_resize) for k, v in splits.items() if v}
     datasets = {k: SegDataset(c, build_transforms(cfg.augment, k == 'train', d.image_size)) for k, c in caches.items()}
     if soft_labels: datasets['train'].soft = soft_labels(splits['train'], caches['train'])

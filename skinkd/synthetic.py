@@ -175,17 +175,20 @@ def _draw_synth(i: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     w = size if rng.random() < 0.5 else int(round(size * rng.uniform(1.0, 4 / 3)))
     return synth_image(rng, size, w)
 
-def _save_synth(folder: Path, i: int, part: str, im: np.ndarray, m: np.ndarray):
-    "Write image `i` as JPEG and its mask as PNG into the ISIC 2018 folders of `part`."
+def _save_synth(folder: Path, i: int, part: str | None, im: np.ndarray, m: np.ndarray):
+    "Write image `i` as JPEG and its mask as PNG into the ISIC 2018 folders of `part` (None: the image alone, in `folder`)."
+    if part is None:
+        Image.fromarray(im).save(folder / f'SYN_{i:07d}.jpg', quality=92)
+        return
     d = ISIC2018_DIRS[part]
     Image.fromarray(im).save(folder / f'ISIC2018_Task1-2_{d}_Input' / f'ISIC_{i:07d}.jpg', quality=92)
     Image.fromarray(m.astype(np.uint8) * 255).save(folder / f'ISIC2018_Task1_{d}_GroundTruth' / f'ISIC_{i:07d}_segmentation.png', compress_level=1)
 
-def _write_synth(folder: Path, n: int, size: int, seed: int):
+def _write_synth(folder: Path, n: int, size: int, seed: int, masks: bool = True):
     "Draw and write `n` images; a writer thread saves image i while image i+1 is drawn (at most 8 queued)."
     pending = []
     with ThreadPoolExecutor(1) as ex:
-        for i, part in enumerate(_synth_parts(n)):
+        for i, part in enumerate(_synth_parts(n) if masks else [None] * n):
             pending.append(ex.submit(_save_synth, folder, i, part, *_draw_synth(i, size, seed)))
             if len(pending) > 8: pending.pop(0).result()
         for f in pending: f.result()
@@ -202,9 +205,11 @@ def make_synthetic(root: str | Path, # output folder (ISIC 2018 layout)
                    n: int = 100, # number of images
                    size: int = 256, # image height in pixels (width up to 4/3 of it)
                    seed: int = 0, # generator seed
+                   masks: bool = True, # False: a plain folder of images without masks (a pool for distillation)
                   ) -> Path:
     "Write `n` synthetic dermoscopy images with masks to `root`; a no-op if it already holds exactly this set."
     root, spec = Path(root), dict(generator='skinkd.synthetic/1', n=int(n), size=int(size), seed=int(seed))
+    if not masks: spec['masks'] = False
     if n < 1 or size < 16: raise DataError(f'synthetic data for {root}: need n >= 1 and size >= 16, got n={n}, size={size}')
     marker = root / 'synthetic.json'
     if marker.is_file() and json.loads(marker.read_text()) == spec: return root
@@ -213,9 +218,11 @@ def make_synthetic(root: str | Path, # output folder (ISIC 2018 layout)
     root.parent.mkdir(parents=True, exist_ok=True); remove_dead_temps(root)
     tmp = temp_sibling(root)
     try:
-        for d in ISIC2018_DIRS.values():
-            (tmp / f'ISIC2018_Task1-2_{d}_Input').mkdir(parents=True); (tmp / f'ISIC2018_Task1_{d}_GroundTruth').mkdir(parents=True)
-        _write_synth(tmp, n, size, seed)
+        tmp.mkdir(parents=True)
+        for d in ISIC2018_DIRS.values() if masks else ():
+            (tmp / f'ISIC2018_Task1-2_{d}_Input').mkdir()
+            (tmp / f'ISIC2018_Task1_{d}_GroundTruth').mkdir()
+        _write_synth(tmp, n, size, seed, masks)
         (tmp / 'synthetic.json').write_text(json.dumps(spec))
         _replace_dir(tmp, root)
     except OSError as e: raise disk_error(e, root) from None

@@ -69,3 +69,22 @@ def test_cli_reuses_a_teacher_and_refuses_another_experiment_in_the_same_folder(
     bad = subprocess.run([*cmd, '--set', 'train.lr=0.5'], capture_output=True, text=True, env=ENV, cwd=tmp)
     assert bad.returncode == 1 and 'Traceback' not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert 'holds an experiment with another config (train.lr (0.001 vs 0.5))' in bad.stderr
+
+
+def test_the_ham_recipe_runs_offline_on_a_synthetic_pool(tmp_path):
+    "configs/isic2018_ham_cpu.yaml's path on synthetic data: a generated pool, cached soft labels, an external folder."
+    make_synthetic(tmp_path / 'external', 5, 40, seed=4)
+    cmd = ['skinkd_experiment', '--config', str(REPO / 'configs' / 'isic2018_ham_cpu.yaml'), '--smoke', '--seeds', '0',
+           '--set', f'distill.unlabeled={tmp_path / "pool"}', '--set', 'distill.unlabeled_synthetic_n=12',
+           '--set', f'data.cache_dir={tmp_path / "cache"}', '--external', str(tmp_path / 'external'),
+           '--out', str(tmp_path / 'exp')]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert len(list((tmp_path / 'pool').glob('SYN_*.jpg'))) == 12 and not list((tmp_path / 'pool').glob('*.png'))
+    assert 'logit_logits read them, and the teacher does not run while training' in p.stdout
+    soft = [json.loads((f / 'meta.json').read_text()) for f in (tmp_path / 'cache').glob('soft-*')]
+    assert sorted(len(m['ids']) for m in soft) == [12, 28] and all(m['tta'] for m in soft)   # pool and masked, flip TTA
+    labels = (tmp_path / 'exp' / 'seed0' / 'distill' / 'labels.csv').read_text()
+    assert labels.count(',0\n') == 12 and 'SYN_0000011,0' in labels   # the pool joined the distilled student's images
+    record = json.loads((tmp_path / 'exp' / 'experiment.json').read_text())
+    assert record['external'][str(tmp_path / 'external')]['n_images'] == 5
