@@ -141,7 +141,7 @@ def _experiment_options(p):
     p.add_argument('--ablation', action='store_true', help='also distil with the logit term only and with the feature terms only')
     p.add_argument('--smoke', action='store_true', help='the smoke preset: tiny synthetic data, 2 epochs (a minute or two)')
     p.add_argument('--external', nargs='+', default=[], metavar='DIR',
-                   help='more data folders (any layout) on which every model is also scored, every pair, with a verdict each')
+                   help='more data folders (any layout): every model is also scored on every pair, with a verdict each')
 
 @command('skinkd_predict', "Segment new images with a trained checkpoint: masks at each image's original size.", 'skinkd.predict:predict_command', config=False)
 def _predict_options(p):

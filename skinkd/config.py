@@ -234,8 +234,8 @@ class DistillConfig:
     unlabeled_synthetic_n: int = opt(0, 'generate this many synthetic images without masks at distill.unlabeled when '
                                      "it is missing (the demo's pool; seed data.synthetic_seed + 1)", lo=0)
     unlabeled_ratio: float = opt(1.0, 'unlabelled images per masked image in each distillation batch (0: none)', lo=0.0, hi=16.0)
-    soft_labels: str = opt('live', "where terms on the logits get the teacher's output: live (the teacher runs on every "
-                           'augmented batch) or cached (once per training image, stored beside the image cache)',
+    soft_labels: str = opt('live', "where terms on the logits get the teacher's output: live (the teacher runs on "
+                           'every augmented batch) or cached (once per training image, stored beside the image cache)',
                            choices=('live', 'cached'))
     cache_tta: bool = opt(True, 'cached soft labels: average the teacher over flips (as eval.tta)')
     cache_scales: list[float] = opt([1.0], 'cached soft labels: input scales the teacher sees, relative to its working '

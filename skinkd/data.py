@@ -626,7 +626,7 @@ def build_folder(path: Path, # the finished folder (its name is the content's ke
                  need: int, # bytes the content needs (checked before writing)
                  what: str, # what it is, for the free-space message
                 ) -> Path:
-    "`path`, built by `fill` and moved into place atomically unless an intact one exists; a damaged one is named and rebuilt."
+    "`path`, built by `fill` and moved into place atomically unless intact; a damaged one is named and rebuilt."
     if path.is_dir():
         if (damage := verify_cache(path)) is None: return path
         print(f'cache {path} is damaged ({damage}); rebuilding it', file=sys.stderr)
@@ -727,7 +727,8 @@ class SegDataset(Dataset):
         i, seed = key if isinstance(key, tuple) else (key, None)
         img = tv_tensors.Image(torch.from_numpy(np.array(self.cache.images[i])).permute(2, 0, 1))
         parts = {'image': img}
-        if self.cache.masks is not None: parts['mask'] = tv_tensors.Mask(torch.from_numpy(np.array(self.cache.masks[i]))[None])
+        if self.cache.masks is not None:
+            parts['mask'] = tv_tensors.Mask(torch.from_numpy(np.array(self.cache.masks[i]))[None])
         if self.soft is not None: parts['soft'] = SoftMap(torch.as_tensor(np.array(self.soft[i]), dtype=torch.float32))
         if self.transform is not None: parts = dict(zip(parts, self._transform(tuple(parts.values()), seed)))
         img = parts['image'].float() / 255 if parts['image'].dtype == torch.uint8 else parts['image']
@@ -841,7 +842,7 @@ class DataBundle:
     unlabeled: list[Sample] = field(default_factory=list)  # training images without masks (data.labeled_fraction, distill.unlabeled)
 
 def _synthesize(folder: Path, n: int, size: int, seed: int, masks: bool = True):
-    "Generate a synthetic set in `folder` when asked for (`n` > 0) and it is missing or was generated (a no-op if alike)."
+    "Generate a synthetic set in `folder` when asked for (`n` > 0) and missing or generated (a no-op when alike)."
     if n > 0 and (not folder.exists() or (folder / 'synthetic.json').is_file()):
         make_synthetic(folder, n, size, seed, masks)
 
@@ -875,7 +876,8 @@ def get_data(cfg: Config, # the resolved config
     d = cfg.data
     report, splits = split_data(cfg)
     splits['train'], unmasked = split_labeled(splits['train'], d.labeled_fraction, d.split_seed)
-    if unlabeled and cfg.distill.unlabeled: unmasked += usable_samples(check_images(prepare_pool(cfg), d.cache_dir), d.skip_bad)
+    if unlabeled and cfg.distill.unlabeled:
+        unmasked += usable_samples(check_images(prepare_pool(cfg), d.cache_dir), d.skip_bad)
     caches = {k: build_cache(v, d.cache_dir, d.image_size, cfg.augment.mirror_pad, d.mask_resize) for k, v in splits.items() if v}
     datasets = {k: SegDataset(c, build_transforms(cfg.augment, k == 'train', d.image_size)) for k, c in caches.items()}
     if soft_labels: datasets['train'].soft = soft_labels(splits['train'], caches['train'])

@@ -79,7 +79,8 @@ def soft_label_line(cfg: Config) -> str | None:
     names = dict(zip(term_names(cfg.distill.terms), cfg.distill.terms))
     served = [n for n, t in names.items() if t.tap in cached]
     live = [n for n, t in names.items() if t.tap not in cached]
-    if not live: return f"soft labels: cached; {', '.join(served)} read them, and the teacher does not run while training"
+    if not live:
+        return f"soft labels: cached; {', '.join(served)} read them, and the teacher does not run while training"
     return (f"soft labels: cached for {', '.join(served) or 'no term'}; {', '.join(live)} need the teacher's features, "
             'so it still runs on every batch')
 

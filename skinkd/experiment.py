@@ -18,8 +18,8 @@ from .cli import experiment_main
 from .config import (Config, DistillTerm, SkinkdError, SMOKE_OVERRIDES, atomic_write,
                            config_from_args, differences, flat_config, load_config, save_config, stage_recipe)
 from .distill import train_student
-from .evaluate import (VERDICT_HEADS, ModelResult, Verdict, all_pairs_cache, dice_verdict, evaluate_checkpoint, md_table,
-                             split_cache, verdict_dict, write_json, write_per_image_csv)
+from .evaluate import (VERDICT_HEADS, ModelResult, Verdict, all_pairs_cache, dice_verdict, evaluate_checkpoint,
+                             md_table, split_cache, verdict_dict, write_json, write_per_image_csv)
 from .learner import PRECISION_NAMES, is_main, recorded_precision, save_figure
 from .teacher import train_teacher
 
@@ -180,9 +180,9 @@ def external_config(cfg: Config, folder: str | Path) -> Config:
 def score_external(cfg: Config, done: dict[str, dict], folder: str | Path) -> tuple[dict[str, ModelResult], list[str]]:
     "Score every trained model on all image/mask pairs of `folder` (`--split all`), at the configured resolution."
     cache = all_pairs_cache(external_config(cfg, folder))
-    results = {name: evaluate_checkpoint(d['checkpoint'], cache, range(len(cache)), cfg.eval, name, cfg.augment.normalize,
-                                         latency_runs=1)
-               for name, d in done.items()}
+    score = lambda name, d: evaluate_checkpoint(d['checkpoint'], cache, range(len(cache)), cfg.eval, name,
+                                                cfg.augment.normalize, latency_runs=1)
+    results = {name: score(name, d) for name, d in done.items()}
     return results, list(cache.ids)
 
 def summarize_experiment(results: dict[str, ModelResult], done: dict[str, dict], seeds: list[int], variants: list[str]) -> dict:
@@ -234,8 +234,9 @@ def report_text(s: dict, results: dict[str, ModelResult], done: dict[str, dict],
 
 def external_json(s: dict, n: int) -> dict:
     "The record of one external folder: images, each model's mean Dice, the pooled comparisons."
-    return dict(n_images=n, dice={f'seed{k[0]}/{k[1]}': v for k, v in s['dice'].items()} | {'teacher': s['teacher_dice']},
-                verdict=verdict_dict(s['verdicts']['distill']), pooled={k: verdict_dict(v) for k, v in s['verdicts'].items()},
+    dice = {f'seed{k[0]}/{k[1]}': v for k, v in s['dice'].items()} | {'teacher': s['teacher_dice']}
+    return dict(n_images=n, dice=dice, verdict=verdict_dict(s['verdicts']['distill']),
+                pooled={k: verdict_dict(v) for k, v in s['verdicts'].items()},
                 gap_recovered={k: (None if math.isnan(g) else g) for k, g in s['gaps'].items()})
 
 def experiment_json(s: dict, results: dict[str, ModelResult], done: dict[str, dict], seeds: list[int], wall: float,
@@ -257,7 +258,8 @@ def write_report(out: Path, s: dict, results: dict, ids: list[str], done: dict, 
     write_per_image_csv(out / 'per_image.csv', ids, list(results.values()))
     save_figure(experiment_figure(s['dice'], s['teacher_dice'], seeds, variants, diff, s['verdicts']['distill']), out / 'experiment.png')
     write_json(out / 'experiment.json', record)
-    atomic_write(out / 'experiment.md', lambda f: f.write(report_text(s, results, done, seeds, variants, cfg, wall, external).encode()))
+    text = report_text(s, results, done, seeds, variants, cfg, wall, external)
+    atomic_write(out / 'experiment.md', lambda f: f.write(text.encode()))
     return record
 
 def run_experiment(cfg: Config, # resolved config; output.run_dir is the experiment folder
@@ -277,7 +279,8 @@ def run_experiment(cfg: Config, # resolved config; output.run_dir is the experim
     more = {}
     for folder in external:
         ext_results, _ = score_external(cfg, done, folder)
-        more[str(folder)] = (summarize_experiment(ext_results, done, seeds, variants), len(ext_results['teacher'].masks))
+        n_images = len(ext_results['teacher'].masks)
+        more[str(folder)] = (summarize_experiment(ext_results, done, seeds, variants), n_images)
     if not is_main(): return {}
     return write_report(out, summary, results, ids, done, seeds, variants, cfg, time.time() - start, more)
 

@@ -86,8 +86,8 @@ def prepare_for_inference(model: nn.Module, channels_last: bool = True, fold_bn:
 
 
 # %% ../nbs/03a_export.ipynb #5736ff6c
-PREPROCESSING_KEYS = {'image_size': 'data.image_size', 'mirror_pad': 'augment.mirror_pad',
-                      'mask_resize': 'data.mask_resize', 'normalize': 'augment.normalize'}  # checkpoint record -> config key
+PREPROCESSING_KEYS = {'image_size': 'data.image_size', 'mirror_pad': 'augment.mirror_pad',  # record -> config key
+                      'mask_resize': 'data.mask_resize', 'normalize': 'augment.normalize'}
 
 def _dotted_get(d: Mapping, key: str):
     "d['a']['b'] for key 'a.b' (None when a part is missing)."

@@ -446,7 +446,7 @@ def save_best(self: Learner, metrics: dict) -> Path:
                            epoch=self.epoch, metrics={k: float(v) for k, v in metrics.items()},
                            extra=dict(mode=self.mode, config=asdict(self.cfg)), preprocessing=preprocessing(self.cfg))
 
-SOFT_LABEL_KEYS = ('terms', 'soft_labels', 'cache_tta', 'cache_scales', 'ensemble')  # what a distillation's targets depend on
+SOFT_LABEL_KEYS = ('terms', 'soft_labels', 'cache_tta', 'cache_scales', 'ensemble')  # what distillation targets are
 
 def changed_targets(ck: dict, cfg: Config) -> list[str]:
     "The distillation keys a checkpoint's run was trained under that `cfg` changes (its terms and soft labels)."
@@ -548,8 +548,8 @@ def train_model(cfg: Config, # the resolved config
     from skinkd.models import build_model
     init_distributed(); set_seed(cfg.train.seed, cfg.train.deterministic)
     last = Path(cfg.output.run_dir) / 'checkpoints' / 'last.pt'
-    if mode == 'distill' and cfg.train.resume and last.is_file() and (changed := changed_targets(load_checkpoint(last), cfg)):
-        raise resume_refusal(last, changed)  # before the data and any soft labels are built
+    if mode == 'distill' and cfg.train.resume and last.is_file():  # refused before the data and soft labels are built
+        if changed := changed_targets(load_checkpoint(last), cfg): raise resume_refusal(last, changed)
     data = data or get_data(cfg, stage_recipe(cfg.train, mode).batch_size, mode == 'distill', soft_labels)
     missing = [s for s in ('train', 'val') if s not in data.loaders]
     if missing:

@@ -96,7 +96,8 @@ def teacher_inputs(ck: dict, path, samples: list[Sample], cache: SegCache, cfg: 
         raise SkinkdError(f"{path} was trained with augment.mirror_pad={not cache.mirror_pad}, the student with "
                           f"{cache.mirror_pad}; their images would not align: train both with one setting")
     size = pre.get('data.image_size', cache.size)
-    if size != cache.size: cache = build_cache(samples, cfg.data.cache_dir, size, cache.mirror_pad, cfg.data.mask_resize)
+    if size != cache.size:
+        cache = build_cache(samples, cfg.data.cache_dir, size, cache.mirror_pad, cfg.data.mask_resize)
     return cache, pre.get('augment.normalize', True)
 
 @torch.no_grad()
@@ -142,8 +143,9 @@ def build_soft_labels(paths: list, # teacher checkpoints (one, or an ensemble)
         nonlocal loaded
         loaded = loaded or [load_model(p) for p in paths]
         teachers = [(freeze(m), *teacher_inputs(ck, p, samples, cache, cfg)) for p, (m, ck) in zip(paths, loaded)]
-        print(f'soft labels: {len(paths)} teacher(s) on {len(cache)} images (flip TTA {"on" if d.cache_tta else "off"}, '
-              f'scales {d.cache_scales}) into {path}', file=sys.stderr)
+        tta = 'on' if d.cache_tta else 'off'
+        print(f'soft labels: {len(paths)} teacher(s) on {len(cache)} images (flip TTA {tta}, scales {d.cache_scales}) '
+              f'into {path}', file=sys.stderr)
         _write_soft_labels(tmp, teachers, len(cache), loaded[0][1]['model_config']['num_classes'], cache.size, meta)
     need = len(cache) * channels * cache.size ** 2 * 2 + 4096
     return SoftLabels(build_folder(path, fill, need, f'the soft labels of {len(cache)} images (data.cache_dir)'))

@@ -176,7 +176,7 @@ def _draw_synth(i: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return synth_image(rng, size, w)
 
 def _save_synth(folder: Path, i: int, part: str | None, im: np.ndarray, m: np.ndarray):
-    "Write image `i` as JPEG and its mask as PNG into the ISIC 2018 folders of `part` (None: the image alone, in `folder`)."
+    "Write image `i` (JPEG) and its mask (PNG) into the ISIC 2018 folders of `part`; None: the image alone, in `folder`."
     if part is None:
         Image.fromarray(im).save(folder / f'SYN_{i:07d}.jpg', quality=92)
         return
