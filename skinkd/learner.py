@@ -11,6 +11,7 @@ import itertools
 import io
 import math
 import os
+import sys
 import random
 import time
 import warnings
@@ -39,9 +40,9 @@ __all__ = ['ONEDNN_BF16_ISAS', 'PRECISION_NAMES', 'RUN_TITLES', 'SOFT_LABEL_KEYS
            'init_distributed', 'is_main', 'default_device', 'lr_factor', 'build_optimizer', 'build_scheduler',
            'cpu_bf16_isa', 'onednn_cap', 'native_bf16', 'Precision', 'resolve_precision', 'with_precision',
            'recorded_precision', 'autocast', 'full_precision', 'SegTask', 'to_device', 'validate', 'set_loader_epoch',
-           'progress_enabled', 'duration_text', 'write_history', 'save_figure', 'term_contributions', 'history_figure',
-           'Learner', 'average_gradients', 'changed_targets', 'resume_refusal', 'resume_conflicts', 'best_matches',
-           'train_model']
+           'release_workers', 'progress_enabled', 'duration_text', 'write_history', 'save_figure', 'progress_style',
+           'progress_line', 'term_contributions', 'history_figure', 'Learner', 'average_gradients', 'changed_targets',
+           'resume_refusal', 'resume_conflicts', 'best_matches', 'train_model']
 
 # %% ../nbs/06_learner.ipynb #83236a14
 def set_seed(seed: int, deterministic: bool = False):
@@ -218,8 +219,14 @@ def set_loader_epoch(loader, epoch: int, start_batch: int = 0) -> bool:
         if hasattr(s, 'set_epoch'): s.set_epoch(epoch)
     return start_batch == 0  # else the caller skips the first batches itself
 
+def release_workers(loader):
+    "Stop the persistent worker processes of a DataLoader (a `MixedLoader`: of both); a later pass starts new ones."
+    for dl in (loader.masked, loader.unlabeled) if hasattr(loader, 'unlabeled') else (loader,):
+        if (it := getattr(dl, '_iterator', None)) is not None and hasattr(it, '_shutdown_workers'): it._shutdown_workers()
+        if hasattr(dl, '_iterator'): dl._iterator = None
+
 def progress_enabled() -> bool:
-    "Progress bars are on unless SKINKD_PROGRESS=0."
+    "Progress is shown unless SKINKD_PROGRESS=0."
     return os.environ.get('SKINKD_PROGRESS', '1') != '0'
 
 # %% ../nbs/06_learner.ipynb #68ff8973
@@ -241,6 +248,25 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     import matplotlib.pyplot as plt
     buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=dpi, bbox_inches='tight'); plt.close(fig)
     return atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+# %% ../nbs/06_learner.ipynb #aa7fc3fe
+def progress_style(stream=None, # where progress goes (default: stdout, where tqdm.write prints)
+                  ) -> str:
+    "'bar' on a terminal or in Jupyter, 'lines' in a file or a pipe, 'off' with SKINKD_PROGRESS=0."
+    if not progress_enabled(): return 'off'
+    stream = stream or sys.stdout
+    if 'ipykernel' in sys.modules or (hasattr(stream, 'isatty') and stream.isatty()): return 'bar'
+    return 'lines'
+
+def progress_line(what: str, # e.g. 'teacher epoch 3/8'
+                  done: int, total: int, # batches done in this epoch, and its batches
+                  seconds: float, # since the epoch started (or resumed)
+                  since: int = 0, # batches already done when it started (a resumed epoch)
+                 ) -> str:
+    "One plain progress line: batches done, the rate, and the epoch's ETA."
+    rate = (done - since) / max(seconds, 1e-9)
+    left = duration_text((total - done) / rate) if rate > 0 else '?'
+    return f'{what}: batch {done}/{total} ({100 * done // total}%), {rate:.2f} batches/s, epoch ETA {left}'
 
 # %% ../nbs/06_learner.ipynb #bfea31f5
 def term_contributions(history: list[dict], # the per-epoch rows of a run (`metrics.csv`)
@@ -336,6 +362,13 @@ class Learner:
             if self.mode == 'teacher' and (over := teacher_overrides(self.cfg.train)):
                 tqdm.write(f"teacher recipe: {', '.join(f'{k} {v}' for k, v in over.items())} (train.teacher); the rest as train")
         self.fit_started, self.fit_first_epoch = time.time(), self.epoch  # for the ETA: wall clock, checkpoints included
+        try: self._fit_epochs()
+        finally:  # workers ignore SIGTERM (the main process handles it), so stop them here, not at interpreter exit
+            for loader in self.loaders.values(): release_workers(loader)
+        return self.history[-1] if self.history else {}
+
+    def _fit_epochs(self):
+        "The epochs of `fit`, under a deferred stop: SIGINT/SIGTERM finish the step, save and stop (`train_epoch`)."
         with DeferredStop() as self.stop:  # SIGINT/SIGTERM: finish the step, save, stop (train_epoch)
             while self.epoch < self.tc.epochs and not self.stopped:
                 start = time.time()
@@ -346,7 +379,6 @@ class Learner:
                 self.end_epoch(train, val, time.time() - start)
                 if self.stop_requested():  # also after the last epoch: the command stops instead of going on to its next stage
                     raise Stopped(self.stop.signum, f'epoch {self.epoch} finished and saved in {self.run_dir / "checkpoints" / "last.pt"}')
-        return self.history[-1] if self.history else {}
 
 # %% ../nbs/06_learner.ipynb #20bad1b0
 @patch
@@ -356,14 +388,17 @@ def train_epoch(self: Learner) -> dict:
     self.model.train(); loader = self.loaders['train']
     if not set_loader_epoch(loader, self.epoch, start): loader = itertools.islice(loader, start, None)
     n, acc = self.batches_per_epoch, self.tc.accumulate
-    bar = tqdm(loader, total=n, initial=start, desc=f'{self.mode} epoch {self.epoch + 1}/{self.tc.epochs}',
-               disable=not is_main() or not progress_enabled(), leave=False)
+    what, style = f'{self.mode} epoch {self.epoch + 1}/{self.tc.epochs}', progress_style() if is_main() else 'off'
+    bar = tqdm(loader, total=n, initial=start, desc=what, disable=style != 'bar', leave=False)
+    began, every = time.time(), max(1, n // 10)
     for i, batch in enumerate(bar, start):
         if i == n: break
         group, last = min(acc, n - i // acc * acc), (i + 1) % acc == 0 or i + 1 == n  # the last group of an epoch may be smaller
         logs = self.train_step(to_device(batch, self.device, self.tc.channels_last), last=last, group=group)
         for k, v in logs.items(): sums[k] = sums.get(k, 0) + v
         if i % 10 == 0: bar.set_postfix(loss=f"{float(logs['loss']):.3f}")
+        if style == 'lines' and (i + 1) % every == 0 and i + 1 < n:
+            tqdm.write(progress_line(what, i + 1, n, time.time() - began, start))
         if last and i + 1 < n and self.stop_requested(): self.stop_mid_epoch(i + 1, sums)
     means = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in sums.values()]) / n
     if dist.is_initialized(): dist.all_reduce(means); means /= dist.get_world_size()

@@ -22,7 +22,7 @@ from .cli import predict_main
 from .core import DataError, SkinkdError, atomic_write, unique_names
 from .data import IMAGE_EXTS, image_samples, load_image, prepare_image, restore_original
 from .export import predict, prepare_for_inference, trained_preprocessing
-from .learner import default_device, progress_enabled
+from .learner import default_device, progress_style
 from .models import load_model
 from .overlays import overlay
 
@@ -134,7 +134,7 @@ def predict_images(weights: str | Path, # checkpoint
     if not 0 < threshold < 1: raise PredictError(f'--threshold is {threshold}; it must be between 0 and 1 (exclusive)')
     files, pred, out = image_files(images), load_predictor(weights), Path(out)
     rows, failed = [], []
-    for path, id_ in tqdm(list(zip(files, image_ids(files))), desc='predict', unit='image', disable=not progress_enabled()):
+    for path, id_ in tqdm(list(zip(files, image_ids(files))), desc='predict', unit='image', disable=progress_style() != 'bar'):
         try: rows.append(predict_one(pred, path, id_, out, threshold, tta, probabilities, overlays))
         except DataError as e: failed.append((str(path), str(e))); tqdm.write(f'skipped: {e}', file=sys.stderr)
     text = io.StringIO(); w = csv.DictWriter(text, CSV_FIELDS); w.writeheader(); w.writerows(rows)

@@ -91,6 +91,9 @@ class SoftLabels:
 # %% ../nbs/07a_soft_labels.ipynb #6c27ab4f
 def teacher_inputs(ck: dict, path, samples: list[Sample], cache: SegCache, cfg: Config) -> tuple[SegCache, bool]:
     "The images a teacher checkpoint must see (its working size) and whether it normalises them."
+    if (classes := ck['model_config']['num_classes']) != cfg.student.num_classes:
+        raise SkinkdError(f'{path} predicts {classes} classes, the student {cfg.student.num_classes} '
+                          '(student.num_classes); every teacher of the soft labels must predict the same classes')
     pre = trained_preprocessing(ck)
     if pre.get('augment.mirror_pad', cache.mirror_pad) != cache.mirror_pad:
         raise SkinkdError(f"{path} was trained with augment.mirror_pad={not cache.mirror_pad}, the student with "
@@ -135,18 +138,16 @@ def build_soft_labels(paths: list, # teacher checkpoints (one, or an ensemble)
     "The teachers' soft labels for every image of `cache`, computed once and cached beside it; reused when intact."
     d, digests = cfg.distill, [file_digest(p) for p in paths]
     path = Path(cfg.data.cache_dir) / soft_key(cache, digests, d.cache_tta, d.cache_scales, cfg.train.amp)
-    loaded = [load_model(p) for p in paths] if not (path / 'manifest.json').is_file() else None
-    channels = loaded[0][1]['model_config']['num_classes'] if loaded else 1
+    channels = cfg.student.num_classes  # a teacher must predict the student's classes (`teacher_inputs` checks)
     meta = dict(teachers=[str(p) for p in paths], digests=digests, tta=d.cache_tta, scales=d.cache_scales,
                 amp=cfg.train.amp, image_cache=cache.path.name, ids=list(cache.ids), size=cache.size)
     def fill(tmp: Path):
-        nonlocal loaded
-        loaded = loaded or [load_model(p) for p in paths]
+        loaded = [load_model(p) for p in paths]
         teachers = [(freeze(m), *teacher_inputs(ck, p, samples, cache, cfg)) for p, (m, ck) in zip(paths, loaded)]
         tta = 'on' if d.cache_tta else 'off'
         print(f'soft labels: {len(paths)} teacher(s) on {len(cache)} images (flip TTA {tta}, scales {d.cache_scales}) '
               f'into {path}', file=sys.stderr)
-        _write_soft_labels(tmp, teachers, len(cache), loaded[0][1]['model_config']['num_classes'], cache.size, meta)
+        _write_soft_labels(tmp, teachers, len(cache), channels, cache.size, meta)
     need = len(cache) * channels * cache.size ** 2 * 2 + 4096
     return SoftLabels(build_folder(path, fill, need, f'the soft labels of {len(cache)} images (data.cache_dir)'))
 

@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -396,3 +397,21 @@ def test_sigterm_to_the_whole_job_saves_mid_epoch_and_the_resumed_run_is_exact(d
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = lambda d: [r.split(',')[:2] for r in (d / 'metrics.csv').read_text().splitlines()]  # epoch, train loss
     assert rows(out) == rows(tmp_path / 'straight')
+
+
+def test_a_run_logged_to_a_file_writes_plain_lines(data_args, tmp_path):
+    "Output to a file, not a terminal: a plain line per tenth of an epoch and per epoch, no redrawn bars."
+    log = tmp_path / 'run.log'
+    env = {k: v for k, v in ENV.items() if k != 'SKINKD_PROGRESS'}   # progress on, as a user's nohup run has it
+    with open(log, 'w') as f:
+        p = subprocess.run(['skinkd_distill', '--mode', 'raw', *data_args, '--set', 'train.batch_size=2',
+                            '--out', str(tmp_path / 'r')], stdout=f, stderr=subprocess.STDOUT, env=env)
+    text = log.read_text()
+    assert p.returncode == 0 and '\r' not in text and '\x1b' not in text, text
+    lines = text.splitlines()
+    progress = [re.fullmatch(r'raw epoch (\d)/2: batch (\d+)/(\d+) \(\d+%\), [\d.]+ batches/s, epoch ETA .+', s)
+                for s in lines]
+    batches = int(next(m for m in progress if m)[3])
+    epochs = [s for s in lines if re.fullmatch(r'raw epoch \d/2: loss .* val dice .*', s)]
+    assert sum(m is not None for m in progress) == 2 * (batches - 1) and len(epochs) == 2
+    assert len(lines) == 1 + 2 * (batches - 1) + 2 + 1 and lines[0].startswith('precision: ')  # and the JSON summary
