@@ -89,8 +89,12 @@ def _synth_options(p):
 
 @command('skinkd_check_data', 'Check every image/mask pair of a dataset without training.', 'skinkd.data:check_data_command', config=False)
 def _check_data_options(p):
-    p.add_argument('--data', required=True, help='dataset folder')
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument('--data', help='dataset folder: decode and check every image/mask pair')
+    what.add_argument('--verify-cache', metavar='DIR', help='a data.cache_dir (or one cache in it): checksum every '
+                      'byte of every cache file against its manifest')
     p.add_argument('--layout', default='auto', help='folder layout (default: auto, detect it); a wrong name lists the registered ones')
+    p.add_argument('--repair', action='store_true', help='with --verify-cache: rebuild (or remove) the damaged caches')
 
 @command('skinkd_export', 'Export a skinkd checkpoint to ONNX (fp32 or INT8) or TorchScript.', 'skinkd.export:export_command', config=False)
 def _export_options(p):

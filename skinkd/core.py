@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import difflib
 import errno
+import fcntl
 import functools
 import importlib
 import io
+import json
 import multiprocessing.util
 import os
 import shutil
@@ -24,10 +26,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 # %% auto #0
-__all__ = ['FS_FIXES', 'LAYOUTS', 'KD_TERMS', 'ENCODERS', 'SkinkdError', 'DataError', 'Stopped', 'cli_main', 'DeferredStop',
-           'scratch_dir', 'fs_fault_line', 'disk_error', 'check_free_space', 'atomic_write', 'remove_stale_temps',
-           'temp_sibling', 'remove_dead_temps', 'staged_files', 'unique_names', 'UnknownEntry', 'did_you_mean',
-           'Registry', 'OneOf']
+__all__ = ['FS_FIXES', 'NO_LOCKS', 'LAYOUTS', 'KD_TERMS', 'ENCODERS', 'CACHE_KINDS', 'SkinkdError', 'DataError', 'Stopped',
+           'cli_main', 'DeferredStop', 'scratch_dir', 'fs_fault_line', 'disk_error', 'check_free_space', 'atomic_write',
+           'remove_stale_temps', 'temp_sibling', 'remove_dead_temps', 'lock_file', 'build_lock', 'staged_files',
+           'unique_names', 'UnknownEntry', 'did_you_mean', 'Registry', 'OneOf']
 
 # %% ../nbs/00_core.ipynb #1d46c2c4
 class SkinkdError(Exception):
@@ -178,6 +180,68 @@ def remove_dead_temps(path: str | Path) -> list[Path]:
     for t in dead: shutil.rmtree(t, ignore_errors=True) if t.is_dir() else t.unlink(missing_ok=True)
     return dead
 
+# %% ../nbs/00_core.ipynb #d379bc7b
+NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}  # flock's answers where a file system has none
+
+def lock_file(path: str | Path) -> Path:
+    "The lock file of building `path`: `.<name>.lock` beside it."
+    path = Path(path)
+    return path.with_name(f'.{path.name}.lock')
+
+def _holder(f) -> dict:
+    "Who holds (or last held without releasing) the lock open as `f`: {'host', 'pid'} or {}."
+    f.seek(0)
+    try: who = json.loads(f.read() or '{}')
+    except ValueError: who = {}
+    return who if isinstance(who, dict) else {}
+
+def _acquire(f, lock: Path, what: str) -> bool:
+    "Take the lock open as `f`, waiting (and saying so) while another process holds it; False without locks."
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError: pass
+    except OSError as e:
+        if e.errno not in NO_LOCKS: raise
+        print(f'{lock.parent} has no file locks; building {what} without one (runs sharing it may build it twice)',
+              file=sys.stderr)
+        return False
+    who = _holder(f)
+    print(f"waiting for {what}: process {who.get('pid', '?')} on {who.get('host', '?')} is building it "
+          f'(lock {lock})', file=sys.stderr)
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return True
+
+def _take_over(f, lock: Path, what: str):
+    "Say so when the last holder stopped without releasing (killed): its unfinished build is no one's now."
+    who = _holder(f)
+    if who and (who.get('host'), who.get('pid')) != (socket.gethostname(), os.getpid()):
+        print(f"taking over the lock of {what} from process {who.get('pid')} on {who.get('host')}, which stopped "
+              f'while building it (lock {lock})', file=sys.stderr)
+
+@contextmanager
+def build_lock(path: str | Path, # the folder or file to build
+               what: str, # what it is, for the lines a waiting or taking-over process prints
+              ) -> Iterator[bool]:
+    "Hold the advisory lock of building `path` for the block; yields False when the file system has no locks."
+    lock = lock_file(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try: f = open(lock, 'a+')
+    except OSError as e: raise disk_error(e, path) from None  # the user's folder, not the lock's name
+    with f:
+        locked = _acquire(f, lock, what)
+        try:
+            if locked:
+                _take_over(f, lock, what)
+                f.truncate(0)
+                f.write(json.dumps({'host': socket.gethostname(), 'pid': os.getpid()}))
+                f.flush()
+            yield locked
+        finally:
+            if locked:
+                f.truncate(0)  # released cleanly: no one to take over from
+                fcntl.flock(f, fcntl.LOCK_UN)
+
 # %% ../nbs/00_core.ipynb #c94587e0
 @contextmanager
 def staged_files(out: str | Path):
@@ -262,3 +326,4 @@ class OneOf:
 LAYOUTS = Registry('dataset layout', home='skinkd.data')  # filled by @layout in 01_data
 KD_TERMS = Registry('distillation term', home='skinkd.losses')  # filled by @kd_term in 04_losses
 ENCODERS = Registry('encoder', home='skinkd.models')  # filled by @encoder in 03_models
+CACHE_KINDS = Registry('cache kind', home='skinkd.soft_labels')  # how to rebuild each: 01_data, 07a_soft_labels

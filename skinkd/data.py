@@ -15,6 +15,7 @@ import random
 import shutil
 import signal
 import sys
+import time
 import uuid
 import warnings
 import zlib
@@ -36,7 +37,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from .cli import check_data_main
 from .config import AugmentConfig, Config, LAYOUTS, atomic_write
-from .core import DataError, check_free_space, disk_error, remove_dead_temps, temp_sibling
+from .core import (CACHE_KINDS, DataError, SkinkdError, build_lock, check_free_space, disk_error,
+                         remove_dead_temps, temp_sibling)
 from .synthetic import ISIC2018_DIRS, make_synthetic
 
 # %% auto #0
@@ -46,7 +48,8 @@ __all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'ISIC_PARTS', 'SPLITS', 'EXIF_ORIENTAT
            'split_labeled', 'binarize_mask', 'load_image', 'load_pair', 'DataReport', 'report_summary',
            'default_workers', 'check_data', 'check_data_command', 'usable_samples', 'image_samples', 'check_images',
            'mirror_pad_to_square', 'prepare_image', 'prepare_pair', 'restore_original', 'file_checksum',
-           'write_manifest', 'verify_cache', 'cache_key', 'SegCache', 'build_folder', 'build_cache', 'normalize',
+           'full_checksum', 'write_manifest', 'verify_cache', 'cache_key', 'SegCache', 'build_folder', 'build_cache',
+           'cache_kind', 'rebuild_image_cache', 'repair_cache', 'cache_folders', 'verify_caches', 'normalize',
            'denormalize', 'build_transforms', 'SoftMap', 'preprocessing', 'SegDataset', 'item_seed', 'EpochSampler',
            'seed_worker', 'build_loader', 'MixedLoader', 'mixed_loader', 'DataBundle', 'prepare_root', 'prepare_pool',
            'split_data', 'get_data', 'labels_csv']
@@ -393,15 +396,24 @@ def _read_memo(path: Path | None) -> dict:
     print(f'{path} is unreadable (damaged); checking the files again', file=sys.stderr)
     return {}
 
-def _checks(samples: list[Sample], cache_dir: str | Path | None, needs_mask: bool = True) -> list[dict]:
-    "Check every sample (in threads), reusing results remembered in `cache_dir`."
-    path = Path(cache_dir) / 'checks.json' if cache_dir is not None else None
-    memo = _read_memo(path)
-    keys = [f'v{CACHE_VERSION}:' + _fingerprint(s) + ('' if needs_mask else ':image') for s in samples]
+def _check_missing(memo: dict, keys: list[str], samples: list[Sample], needs_mask: bool) -> bool:
+    "Check (in threads) the samples whose key `memo` lacks, adding them to `memo`; whether there were any."
     todo = [(k, s) for k, s in zip(keys, samples) if k not in memo]
+    check = partial(_check_sample, needs_mask=needs_mask)
     with ThreadPoolExecutor(default_workers()) as ex:
-        memo.update(zip([k for k, _ in todo], ex.map(partial(_check_sample, needs_mask=needs_mask), [s for _, s in todo])))
-    if path is not None and todo: atomic_write(path, lambda f: f.write(json.dumps({k: memo[k] for k in keys}).encode()))
+        memo.update(zip([k for k, _ in todo], ex.map(check, [s for _, s in todo])))
+    return bool(todo)
+
+def _checks(samples: list[Sample], cache_dir: str | Path | None, needs_mask: bool = True) -> list[dict]:
+    "Check every sample (in threads), reusing results remembered in `cache_dir`: one run checks, the others wait."
+    keys = [f'v{CACHE_VERSION}:' + _fingerprint(s) + ('' if needs_mask else ':image') for s in samples]
+    memo = {} if cache_dir is None else _read_memo(path := Path(cache_dir) / 'checks.json')
+    if cache_dir is None: _check_missing(memo, keys, samples, needs_mask)
+    elif any(k not in memo for k in keys):
+        with build_lock(path, f'the checks of {len(samples)} files'):
+            memo = _read_memo(path)  # another run may have checked them while this one waited
+            if _check_missing(memo, keys, samples, needs_mask):
+                atomic_write(path, lambda f: f.write(json.dumps(memo).encode()))
     return [memo[k] for k in keys]
 
 def default_workers(n: int | None = None) -> int:
@@ -437,7 +449,12 @@ def check_data(root: str | Path, # dataset folder
 
 # %% ../nbs/01_data.ipynb #f5363c85
 def check_data_command(args: argparse.Namespace):
-    "What `skinkd_check_data --data DIR [--layout NAME]` does: the report, and status 1 when a pair is unusable."
+    "`skinkd_check_data --data DIR` (status 1 when a pair is unusable) or `--verify-cache DIR [--repair]`."
+    if args.verify_cache:
+        lines, damaged = verify_caches(args.verify_cache, args.repair)
+        print('\n'.join(lines))
+        if damaged: sys.exit(1)
+        return
     r = check_data(args.data, args.layout)
     print(r.summary())
     if not r.ok: sys.exit(1)
@@ -516,7 +533,7 @@ def restore_original(prob: torch.Tensor, # (C,S,S) probabilities or logits at th
     return up[:, top:top + h, left:left + w]
 
 # %% ../nbs/01_data.ipynb #77de0b72
-SAMPLED_ABOVE = 1 << 20  # files larger than this are checksummed on sampled blocks
+SAMPLED_ABOVE = 1 << 20  # files larger than this are checksummed on sampled blocks when a cache is opened
 
 def file_checksum(path: Path, blocks: int = 64, block: int = 4096) -> str:
     "CRC32 of a file: whole when small, else of `blocks` evenly spaced blocks (the first and last included)."
@@ -525,29 +542,45 @@ def file_checksum(path: Path, blocks: int = 64, block: int = 4096) -> str:
         if size <= SAMPLED_ABOVE: return f'{zlib.crc32(f.read()):08x}'
         crc = 0
         for k in range(blocks):
-            f.seek((size - block) * k // (blocks - 1)); crc = zlib.crc32(f.read(block), crc)
+            f.seek((size - block) * k // (blocks - 1))
+            crc = zlib.crc32(f.read(block), crc)
+    return f'{crc:08x}'
+
+def full_checksum(path: Path, chunk: int = 1 << 24) -> str:
+    "CRC32 of every byte of a file, read in chunks."
+    crc = 0
+    with open(path, 'rb') as f:
+        for part in iter(partial(f.read, chunk), b''): crc = zlib.crc32(part, crc)
     return f'{crc:08x}'
 
 def write_manifest(folder: Path) -> Path:
-    "Record the size and checksum of every file in `folder` in its manifest.json (the last file a cache build writes)."
-    files = {p.name: [p.stat().st_size, file_checksum(p)] for p in sorted(folder.iterdir()) if p.is_file() and p.name != 'manifest.json'}
+    "Record each file's size, sampled and full checksum in `folder`'s manifest.json (the last file a build writes)."
+    files = {p.name: [p.stat().st_size, file_checksum(p), full_checksum(p)]
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != 'manifest.json'}
     (folder / 'manifest.json').write_text(json.dumps(files))
     return folder / 'manifest.json'
 
-def verify_cache(folder: Path) -> str | None:
+def _file_damage(p: Path, size: int, crc: str, whole: list[str], full: bool) -> str | None:
+    "What is wrong with one file of a cache, checked against its manifest entry."
+    if not p.is_file(): return f'{p.name} is missing'
+    if p.stat().st_size != size: return f'{p.name} has {p.stat().st_size} bytes, {size} when built'
+    if not full: return None if file_checksum(p) == crc else f'{p.name} changed since it was built (checksum)'
+    if not whole: return f'{p.name} has no full checksum (built by an older skinkd)'
+    return None if full_checksum(p) == whole[0] else f'{p.name} changed since it was built (full checksum)'
+
+def verify_cache(folder: Path, # a cache folder (with its manifest.json)
+                 full: bool = False, # read every byte (else sampled blocks of large files, as when a run opens it)
+                ) -> str | None:
     "What is wrong with the cache `folder` (a file missing, resized or changed), or None when it is as built."
     try: files = json.loads((folder / 'manifest.json').read_text())
     except FileNotFoundError: return 'manifest.json is missing: an interrupted build or an older skinkd'
     except ValueError: return 'manifest.json is not valid JSON'
-    for name, (size, crc) in files.items():
-        p = folder / name
-        if not p.is_file(): return f'{name} is missing'
-        if p.stat().st_size != size: return f'{name} has {p.stat().st_size} bytes, {size} when built'
-        if file_checksum(p) != crc: return f'{name} changed since it was built (checksum)'
+    for name, (size, crc, *whole) in files.items():
+        if damage := _file_damage(folder / name, size, crc, whole, full): return damage
     return None
 
 # %% ../nbs/01_data.ipynb #fe7b5490
-CACHE_FORMAT = 3  # the layout of a cache folder, in its key; 3: manifest.json of sizes and checksums
+CACHE_FORMAT = 4  # the layout of a cache folder, in its key; 4: full checksums, source files in meta.json
 
 def cache_key(samples: list[Sample], size: int, mirror_pad: bool, mask_resize: str) -> str:
     "A hash of every file (path, size, mtime) and option that determines the cache content."
@@ -604,7 +637,8 @@ def _write_cache(tmp: Path, samples: list[Sample], size: int, mirror_pad: bool, 
     "Fill a cache folder `tmp` (decoding in threads); samples without masks give an images-only cache."
     n, has_masks = len(samples), all(s.mask is not None for s in samples)
     tmp.mkdir(parents=True)
-    images = np.lib.format.open_memmap(tmp / 'images.npy', 'w+', np.uint8, (n, size, size, 3)); _reserve(tmp / 'images.npy')
+    images = np.lib.format.open_memmap(tmp / 'images.npy', 'w+', np.uint8, (n, size, size, 3))
+    _reserve(tmp / 'images.npy')
     masks = np.lib.format.open_memmap(tmp / 'masks.npy', 'w+', np.uint8, (n, size, size)) if has_masks else None
     if has_masks: _reserve(tmp / 'masks.npy')
     hw, offsets = np.zeros((n, 2), np.int64), np.zeros(n + 1, np.int64)
@@ -612,35 +646,54 @@ def _write_cache(tmp: Path, samples: list[Sample], size: int, mirror_pad: bool, 
     with open(tmp / 'orig_masks.bin', 'wb') as f, ThreadPoolExecutor(default_workers()) as ex:
         for i, (si, sm, shape, bits) in enumerate(ex.map(job, samples if has_masks else [s._replace(mask=None) for s in samples])):
             images[i], hw[i] = si, shape
-            if has_masks: masks[i] = sm; f.write(bits.tobytes()); offsets[i + 1] = offsets[i] + len(bits)
+            if has_masks:
+                masks[i], offsets[i + 1] = sm, offsets[i] + len(bits)
+                f.write(bits.tobytes())
         f.write(b'\0')  # never empty: an empty file cannot be memory-mapped
-    images.flush(); del images
-    if has_masks: masks.flush(); del masks
-    np.save(tmp / 'orig_hw.npy', hw); np.save(tmp / 'orig_offsets.npy', offsets)
-    meta = dict(ids=[s.id for s in samples], size=size, mirror_pad=mirror_pad, mask_resize=mask_resize, has_masks=has_masks)
+    for a in (images, masks):
+        if a is not None: a.flush()
+    del images, masks
+    np.save(tmp / 'orig_hw.npy', hw)
+    np.save(tmp / 'orig_offsets.npy', offsets)
+    files = [[s.id, str(s.image), str(s.mask) if has_masks else None] for s in samples]  # what a repair rebuilds from
+    meta = dict(kind='images', ids=[s.id for s in samples], size=size, mirror_pad=mirror_pad, mask_resize=mask_resize,
+                has_masks=has_masks, files=files)
     (tmp / 'meta.json').write_text(json.dumps(meta))
     write_manifest(tmp)
+
+def _damage(path: Path, expect) -> str | None:
+    "What is wrong with the folder `path`: its manifest's verdict, then `expect(path)`'s (what it holds)."
+    return verify_cache(path) or (expect(path) if expect else None)
+
+def _remove_unfinished(path: Path, locked: bool):
+    "Remove the unfinished builds of `path`: all of them under its lock (their writers are gone), else the dead ones'."
+    if not locked: return remove_dead_temps(path)
+    for t in path.parent.glob(f'.{path.name}.tmp-*'): shutil.rmtree(t, ignore_errors=True)
 
 def build_folder(path: Path, # the finished folder (its name is the content's key)
                  fill, # fill(tmp): writes the content into a new folder `tmp`, ending with `write_manifest(tmp)`
                  need: int, # bytes the content needs (checked before writing)
-                 what: str, # what it is, for the free-space message
+                 what: str, # what it is, for the lines a run prints
+                 expect=None, # expect(path): what is wrong with an intact folder's content for this caller, or None
                 ) -> Path:
-    "`path`, built by `fill` and moved into place atomically unless intact; a damaged one is named and rebuilt."
-    if path.is_dir():
-        if (damage := verify_cache(path)) is None: return path
-        print(f'cache {path} is damaged ({damage}); rebuilding it', file=sys.stderr)
-    remove_dead_temps(path)
-    check_free_space(path.parent, need, what)
-    tmp = temp_sibling(path)
-    try:
-        try: fill(tmp)
-        except OSError as e: raise disk_error(e, path.parent) from None
-        if verify_cache(path) is None: shutil.rmtree(tmp)  # another process finished first
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-    finally: shutil.rmtree(tmp, ignore_errors=True)
+    "`path`, built by `fill` under its `build_lock` and moved into place atomically unless intact; else named, rebuilt."
+    if path.is_dir() and _damage(path, expect) is None: return path
+    with build_lock(path, what) as locked:
+        if path.is_dir():
+            if (damage := _damage(path, expect)) is None: return path  # another run built it while this one waited
+            print(f'cache {path} is damaged ({damage}); rebuilding it', file=sys.stderr)
+        _remove_unfinished(path, locked)
+        check_free_space(path.parent, need, what)
+        print(f'building {what}: {path}', file=sys.stderr)
+        tmp = temp_sibling(path)
+        try:
+            try: fill(tmp)
+            except OSError as e: raise disk_error(e, path.parent) from None
+            if not locked and verify_cache(path) is None: shutil.rmtree(tmp)  # another process finished first
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+                os.replace(tmp, path)
+        finally: shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 def build_cache(samples: list[Sample], # usable samples (see `check_data`)
@@ -653,7 +706,82 @@ def build_cache(samples: list[Sample], # usable samples (see `check_data`)
     path = Path(cache_dir) / cache_key(samples, size, mirror_pad, mask_resize)
     fill = partial(_write_cache, samples=samples, size=size, mirror_pad=mirror_pad, mask_resize=mask_resize)
     need = _array_bytes(len(samples), size, all(s.mask is not None for s in samples))
-    return SegCache(build_folder(path, fill, need, f'the cache of {len(samples)} images at {size} px (data.cache_dir)'))
+    what = f'the cache of {len(samples)} images at {size} px (data.cache_dir)'
+    return SegCache(build_folder(path, fill, need, what, partial(_cache_mismatch, samples=samples, size=size)))
+
+def _cache_mismatch(path: Path, samples: list[Sample], size: int) -> str | None:
+    "Whether the image cache at `path` holds other images or another size than its name promises (a copied folder)."
+    meta = json.loads((path / 'meta.json').read_text())
+    if meta.get('ids') != [s.id for s in samples]: return 'it holds other images than its name says'
+    if meta.get('size') != size: return f"it holds images at {meta.get('size')} px, not {size}"
+    return None
+
+# %% ../nbs/01_data.ipynb #92b9df7e
+def cache_kind(folder: Path) -> str:
+    "The kind of a cache folder, as its meta.json says (folders of older skinkd: by their name)."
+    try: return json.loads((folder / 'meta.json').read_text())['kind']
+    except (OSError, ValueError, KeyError, TypeError): return 'soft labels' if folder.name.startswith('soft-') else 'images'
+
+@CACHE_KINDS.register('images')
+def rebuild_image_cache(folder: Path) -> str:
+    "Rebuild the image cache `folder` from the source files its meta.json records; what was done, in words."
+    meta = json.loads((folder / 'meta.json').read_text())
+    samples = [Sample(i, Path(img), Path(m) if m else None, None) for i, img, m in meta['files']]
+    if gone := [s.image for s in samples if not s.image.is_file()]:
+        shutil.rmtree(folder)
+        return f'removed: its image {gone[0]} is gone'
+    key = cache_key(samples, meta['size'], meta['mirror_pad'], meta['mask_resize'])
+    shutil.rmtree(folder)
+    if key != folder.name: return 'removed: its images changed since; the next run builds their cache'
+    build_cache(samples, folder.parent, meta['size'], meta['mirror_pad'], meta['mask_resize'])
+    return 'rebuilt'
+
+def repair_cache(folder: Path) -> str:
+    "Rebuild a damaged cache folder by its kind; remove it (the next run that needs it builds it) when it cannot be."
+    try: return CACHE_KINDS.get(cache_kind(folder))(folder)
+    except (ValueError, KeyError, TypeError, SkinkdError) as e:
+        shutil.rmtree(folder, ignore_errors=True)
+        return f'removed ({e}); the next run that needs it builds it'
+
+def cache_folders(root: Path) -> list[Path]:
+    "The cache folders in `root` (those with a manifest or meta.json), or `root` itself when it is one."
+    if (root / 'manifest.json').is_file(): return [root]
+    marked = lambda p: (p / 'manifest.json').is_file() or (p / 'meta.json').is_file()
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.') and marked(p))
+
+def _folder_bytes(folder: Path) -> int: return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+def _verify_memo(root: Path, repair: bool) -> list[str]:
+    "The line for `root`'s checks.json (none when absent): it must be a JSON object."
+    if not (memo := root / 'checks.json').is_file(): return []
+    try: ok = isinstance(json.loads(memo.read_bytes()), dict)
+    except ValueError: ok = False
+    if ok: return ['ok       checks.json']
+    if repair: memo.unlink()
+    return [f"damaged  {memo}: not a JSON object{'; removed (the next run checks the files again)' if repair else ''}"]
+
+def verify_caches(root: str | Path, # a data.cache_dir, or one cache folder
+                  repair: bool = False, # rebuild (or remove) what is damaged
+                 ) -> tuple[list[str], int]:
+    "Read every byte of every cache in `root` against its manifest: one line each, a summary, and the damaged count."
+    root = Path(root)
+    if not root.is_dir(): raise DataError(f'cache folder {root} not found; pass a data.cache_dir (or one cache in it)')
+    lines, damaged, total, t0 = _verify_memo(root, repair), 0, 0, time.perf_counter()
+    damaged = sum(line.startswith('damaged') for line in lines)
+    for folder in cache_folders(root):
+        total += _folder_bytes(folder)
+        if (damage := verify_cache(folder, full=True)) is None:
+            lines.append(f'ok       {folder.name} ({cache_kind(folder)}, {_folder_bytes(folder) / 1e6:.1f} MB)')
+            continue
+        damaged += 1
+        lines.append(f'damaged  {folder} ({cache_kind(folder)}): {damage}' + (f'; {repair_cache(folder)}' if repair else ''))
+    secs = time.perf_counter() - t0
+    rate = f'{total / 1e6 / secs:.0f} MB/s' if secs > 0 else '-'
+    fix = ' (fixed: --repair)' if repair else (' (rebuild them: --repair)' if damaged else '')
+    n = len(cache_folders(root))
+    lines.append(f"verified {n} cache folder{'s' if n != 1 else ''}, {total / 1e6:.1f} MB in {secs:.2f} s ({rate}): "
+                 f'{damaged} damaged{fix}')
+    return lines, (0 if repair else damaged)
 
 # %% ../nbs/01_data.ipynb #02144eb9
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

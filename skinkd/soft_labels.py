@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 from functools import partial
 from pathlib import Path
@@ -16,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config, ModelConfig
-from .core import SkinkdError
+from .config import Config, ModelConfig, load_config
+from .core import CACHE_KINDS, SkinkdError
 from .data import SOFT_BACKGROUND, Sample, SegCache, build_cache, build_folder, write_manifest
 from .export import predict, prepare_for_inference, trained_preprocessing
 from .learner import autocast, default_device
@@ -25,7 +26,8 @@ from .models import load_model
 
 # %% auto #0
 __all__ = ['SOFT_FORMAT', 'LOGIT_LIMIT', 'freeze', 'load_teacher', 'file_digest', 'soft_key', 'probs_to_logits', 'SoftLabels',
-           'teacher_inputs', 'teacher_logits', 'build_soft_labels', 'soft_label_source', 'cached_taps']
+           'teacher_inputs', 'teacher_logits', 'build_soft_labels', 'rebuild_soft_labels', 'soft_label_source',
+           'cached_taps']
 
 # %% ../nbs/07a_soft_labels.ipynb #ff5c6ceb
 def freeze(model: nn.Module, channels_last: bool = True) -> nn.Module:
@@ -48,7 +50,7 @@ def load_teacher(path: str | Path | None, student_cfg: ModelConfig, channels_las
     return freeze(model, channels_last)
 
 # %% ../nbs/07a_soft_labels.ipynb #a708cad4
-SOFT_FORMAT = 1  # the layout of a soft-label folder, in its key
+SOFT_FORMAT = 2  # the layout of a soft-label folder, in its key; 2: full checksums, kind and classes in meta.json
 LOGIT_LIMIT = -SOFT_BACKGROUND  # stored logits are clamped to +-16 (p from 1.1e-7 to 1 - 1.1e-7)
 
 def file_digest(path: str | Path) -> str:
@@ -139,17 +141,45 @@ def build_soft_labels(paths: list, # teacher checkpoints (one, or an ensemble)
     d, digests = cfg.distill, [file_digest(p) for p in paths]
     path = Path(cfg.data.cache_dir) / soft_key(cache, digests, d.cache_tta, d.cache_scales, cfg.train.amp)
     channels = cfg.student.num_classes  # a teacher must predict the student's classes (`teacher_inputs` checks)
-    meta = dict(teachers=[str(p) for p in paths], digests=digests, tta=d.cache_tta, scales=d.cache_scales,
-                amp=cfg.train.amp, image_cache=cache.path.name, ids=list(cache.ids), size=cache.size)
+    meta = dict(kind='soft labels', teachers=[str(p) for p in paths], digests=digests, tta=d.cache_tta,
+                scales=d.cache_scales, amp=cfg.train.amp, image_cache=cache.path.name, ids=list(cache.ids),
+                size=cache.size, classes=channels)
     def fill(tmp: Path):
-        loaded = [load_model(p) for p in paths]
+        with torch.random.fork_rng(devices=[]):  # building a model draws from the RNG: a run's draws stay the same
+            loaded = [load_model(p) for p in paths]
         teachers = [(freeze(m), *teacher_inputs(ck, p, samples, cache, cfg)) for p, (m, ck) in zip(paths, loaded)]
-        tta = 'on' if d.cache_tta else 'off'
-        print(f'soft labels: {len(paths)} teacher(s) on {len(cache)} images (flip TTA {tta}, scales {d.cache_scales}) '
-              f'into {path}', file=sys.stderr)
         _write_soft_labels(tmp, teachers, len(cache), channels, cache.size, meta)
     need = len(cache) * channels * cache.size ** 2 * 2 + 4096
-    return SoftLabels(build_folder(path, fill, need, f'the soft labels of {len(cache)} images (data.cache_dir)'))
+    tta = 'flip TTA' if d.cache_tta else 'no TTA'
+    what = f'the soft labels of {len(cache)} images ({len(paths)} teacher(s), {tta}, scales {d.cache_scales})'
+    expect = partial(_soft_mismatch, digests=digests, cache=cache, channels=channels)
+    return SoftLabels(build_folder(path, fill, need, what, expect))
+
+def _soft_mismatch(path: Path, digests: list[str], cache: SegCache, channels: int) -> str | None:
+    "What makes the intact soft-label folder `path` wrong for these teachers and images (a copied folder), or None."
+    meta = json.loads((path / 'meta.json').read_text())
+    if meta.get('digests') != digests: return 'it holds the soft labels of another teacher'
+    if meta.get('size') != cache.size: return f"it holds soft labels at {meta.get('size')} px, not {cache.size}"
+    if meta.get('ids') != list(cache.ids): return 'it holds the soft labels of other images'
+    shape = np.load(path / 'logits.npy', mmap_mode='r').shape
+    if shape != (want := (len(cache), channels, cache.size, cache.size)): return f'its logits are {shape}, not {want}'
+    return None
+
+@CACHE_KINDS.register('soft labels')
+def rebuild_soft_labels(folder: Path) -> str:
+    "Rebuild the soft-label folder `folder` from the teachers and images its meta.json records; what was done."
+    meta = json.loads((folder / 'meta.json').read_text())
+    changed = [t for t, d in zip(meta['teachers'], meta['digests']) if not Path(t).is_file() or file_digest(t) != d]
+    images = SegCache(folder.parent / meta['image_cache'])
+    shutil.rmtree(folder)
+    if changed: return f'removed: its teacher {changed[0]} changed or is gone; the next distillation builds new ones'
+    files = json.loads((images.path / 'meta.json').read_text())
+    samples = [Sample(i, Path(img), Path(m) if m else None, None) for i, img, m in files['files']]
+    sets = {'data.cache_dir': str(folder.parent), 'data.mask_resize': files['mask_resize'], 'train.amp': meta['amp'],
+            'distill.cache_tta': meta['tta'], 'distill.cache_scales': meta['scales'], 'student.num_classes': meta['classes']}
+    build_soft_labels(meta['teachers'], samples, images, load_config(params=sets))
+    return 'rebuilt'
+
 
 # %% ../nbs/07a_soft_labels.ipynb #2c9bb614
 def soft_label_source(cfg: Config, # the run's config (train.amp resolved, see `with_precision`)

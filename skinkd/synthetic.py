@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .cli import synth_main
-from .core import DataError, disk_error, remove_dead_temps, temp_sibling
+from .core import DataError, build_lock, disk_error, remove_dead_temps, temp_sibling
 
 # %% auto #0
 __all__ = ['SKIN_TONES', 'LESION_COLOURS', 'ISIC2018_DIRS', 'synth_cli', 'smooth_noise', 'synth_image', 'make_synthetic',
@@ -206,16 +207,31 @@ def make_synthetic(root: str | Path, # output folder (ISIC 2018 layout)
                    size: int = 256, # image height in pixels (width up to 4/3 of it)
                    seed: int = 0, # generator seed
                    masks: bool = True, # False: a plain folder of images without masks (a pool for distillation)
+                   quiet: bool = False, # True: no line on stderr when it generates (a caller that reports it itself)
                   ) -> Path:
     "Write `n` synthetic dermoscopy images with masks to `root`; a no-op if it already holds exactly this set."
     root, spec = Path(root), dict(generator='skinkd.synthetic/1', n=int(n), size=int(size), seed=int(seed))
     if not masks: spec['masks'] = False
     if n < 1 or size < 16: raise DataError(f'synthetic data for {root}: need n >= 1 and size >= 16, got n={n}, size={size}')
+    if _holds(root, spec): return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock(root, f'the synthetic set {root}'):
+        if not _holds(root, spec): _generate(root, spec, masks, quiet)  # unless another run made it meanwhile
+    return root
+
+def _holds(root: Path, spec: dict) -> bool:
+    "Whether `root` holds the synthetic set of `spec` (DataError when it holds something else)."
     marker = root / 'synthetic.json'
-    if marker.is_file() and json.loads(marker.read_text()) == spec: return root
+    if marker.is_file() and json.loads(marker.read_text()) == spec: return True
     if root.exists() and any(root.iterdir()) and not marker.is_file():
         raise DataError(f'{root} exists and is not a skinkd synthetic folder; choose an empty or new --out folder')
-    root.parent.mkdir(parents=True, exist_ok=True); remove_dead_temps(root)
+    return False
+
+def _generate(root: Path, spec: dict, masks: bool, quiet: bool):
+    "Write the synthetic set of `spec` beside `root`, then move it into place."
+    n, size, seed = spec['n'], spec['size'], spec['seed']
+    if not quiet: print(f'generating {n} synthetic images ({size} px, seed {seed}): {root}', file=sys.stderr)
+    remove_dead_temps(root)
     tmp = temp_sibling(root)
     try:
         tmp.mkdir(parents=True)
@@ -227,12 +243,11 @@ def make_synthetic(root: str | Path, # output folder (ISIC 2018 layout)
         _replace_dir(tmp, root)
     except OSError as e: raise disk_error(e, root) from None
     finally: shutil.rmtree(tmp, ignore_errors=True)
-    return root
 
 # %% ../nbs/00c_synthetic.ipynb #c8bb1440
 def synth_command(args: argparse.Namespace):
     "What `skinkd_synth --out DIR --n N --size S --seed K` does (its options: `skinkd.cli`)."
-    t0 = time.perf_counter(); make_synthetic(args.out, args.n, args.size, args.seed)
+    t0 = time.perf_counter(); make_synthetic(args.out, args.n, args.size, args.seed, quiet=True)
     print(f'wrote {args.n} synthetic images ({args.size} px, seed {args.seed}) to {args.out} in {time.perf_counter() - t0:.1f} s')
 
 synth_cli = synth_main  # the console script: parses in skinkd.cli, then calls synth_command

@@ -278,7 +278,9 @@ def test_make_synthetic_is_deterministic_and_atomic(tmp_path):
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in fa)
     c = make_synthetic(tmp_path / 'c', 6, 48, seed=2)
     assert (c / fa[0]).read_bytes() != (a / fa[0]).read_bytes() or (c / fa[1]).read_bytes() != (a / fa[1]).read_bytes()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]  # no temporary folders left
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith('.'))
+    assert left == ['.a.lock', '.b.lock', '.c.lock']  # no temporary folders left; the build locks stay, released
+    assert all((tmp_path / name).read_text() == '' for name in left)
     make_synthetic(tmp_path / 'a', 8, 48, seed=1)  # a generated folder is replaced
     assert len(discover(tmp_path / 'a')) == 8
     (tmp_path / 'mine').mkdir(); (tmp_path / 'mine' / 'notes.txt').write_text('x')
@@ -316,7 +318,7 @@ def test_cache_is_keyed_and_invalidated(tmp_path):
     os.utime(samples[0].mask, ns=(time.time_ns(), time.time_ns() + 10 ** 9))
     c2 = build_cache(samples, tmp_path / 'cache', size=32)
     assert c2.path != c1.path and c2.masks[0].all() and not c1.masks[0].all()
-    assert not [p for p in (tmp_path / 'cache').iterdir() if p.name.startswith('.')]
+    assert not [p for p in (tmp_path / 'cache').iterdir() if p.name.startswith('.') and not p.name.endswith('.lock')]
 
 
 # ---------------------------------------------------------------- augmentation

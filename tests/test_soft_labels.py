@@ -48,7 +48,7 @@ def test_cached_maps_equal_a_fresh_ensemble_pass_at_the_teachers_own_size(images
     tmp, cfg, samples, cache = images
     a, b = save_teacher(tmp / 'a.pt', 0, size=64), save_teacher(tmp / 'b.pt', 1)
     soft, said = built([a, b], samples, cache, cfg)
-    assert 'soft labels: 2 teacher(s) on 10 images (flip TTA on, scales [0.75, 1.0])' in said
+    assert 'building the soft labels of 10 images (2 teacher(s), flip TTA, scales [0.75, 1.0]): ' in said
     assert soft.logits.shape == (10, 1, 48, 48) and soft.logits.dtype == np.float16
     big = build_cache(samples, cfg.data.cache_dir, 64)            # teacher a sees its own 64 px
     pa = F.interpolate(predict(freeze(load_model(a)[0]), big, tta=True, scales=(0.75, 1.0)), size=(48, 48),
@@ -78,7 +78,7 @@ def test_the_cache_follows_its_teachers_and_settings_and_rebuilds_when_damaged(i
     assert 'rebuilding it' in said and (first.path / 'logits.npy').read_bytes() == blob
     save_teacher(t, 4)                                                # retrained into the same file
     other, said = built([t], samples, cache, cfg)
-    assert other.path != first.path and 'soft labels: 1 teacher(s)' in said
+    assert other.path != first.path and 'building the soft labels of ' in said and '(1 teacher(s), ' in said
     assert not np.array_equal(np.asarray(other.logits), np.asarray(first.logits))
 
 
