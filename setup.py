@@ -19,6 +19,8 @@ lic = licenses[cfg["license"]]
 requirements = cfg.get("requirements", "").split()
 dev_requirements = cfg.get("dev_requirements", "").split()
 bench_requirements = cfg.get("bench_requirements", "").split()
+tensorboard_requirements = cfg.get("tensorboard_requirements", "").split()
+viewer_requirements = cfg.get("viewer_requirements", "").split()
 console_scripts = cfg.get("console_scripts", "").split()
 
 setuptools.setup(
@@ -35,7 +37,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["skinkd", "skinkd.*"]),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={"dev": dev_requirements, "bench": bench_requirements},
+    extras_require={"dev": dev_requirements, "bench": bench_requirements, "tensorboard": tensorboard_requirements,
+                    "viewer": viewer_requirements},
     dependency_links=cfg.get("dep_links", "").split(),
     python_requires=">=" + min_python,
     long_description=open("README.md", encoding="utf-8").read(),

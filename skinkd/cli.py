@@ -15,8 +15,8 @@ from .core import ENCODERS, OneOf, Registry, did_you_mean
 
 # %% auto #0
 __all__ = ['COMMANDS', 'synth_main', 'check_data_main', 'export_main', 'train_teacher_main', 'distill_main', 'evaluate_main',
-           'pipeline_main', 'experiment_main', 'predict_main', 'Command', 'command', 'build_parser', 'parse', 'launch',
-           'entry_point', 'registered']
+           'pipeline_main', 'experiment_main', 'predict_main', 'view_main', 'Command', 'command', 'build_parser',
+           'parse', 'launch', 'entry_point', 'registered']
 
 # %% ../nbs/00b_cli.ipynb #0bbdd0b4
 @dataclass(frozen=True)
@@ -147,6 +147,13 @@ def _experiment_options(p):
     p.add_argument('--external', nargs='+', default=[], metavar='DIR',
                    help='more data folders (any layout): every model is also scored on every pair, with a verdict each')
 
+@command('skinkd_view', 'Serve the mask viewer of a report or predict folder as a web page (Voila).', 'skinkd.viewer:view_command',
+         config=False)
+def _view_options(p):
+    p.add_argument('folder', help='a report folder (predictions.npz: skinkd_evaluate, the pipeline) or a skinkd_predict --out folder')
+    p.add_argument('--port', type=int, default=8866, help='port to serve on (default: 8866)')
+    p.add_argument('--host', default='127.0.0.1', help='address to bind (default: 127.0.0.1, this machine only; 0.0.0.0: the network)')
+
 @command('skinkd_predict', "Segment new images with a trained checkpoint: masks at each image's original size.", 'skinkd.predict:predict_command', config=False)
 def _predict_options(p):
     p.add_argument('--weights', required=True, help='checkpoint (.pt) written by skinkd; its working size and preprocessing are used')
@@ -160,3 +167,4 @@ def _predict_options(p):
 synth_main, check_data_main, export_main = entry_point('skinkd_synth'), entry_point('skinkd_check_data'), entry_point('skinkd_export')
 train_teacher_main, distill_main, evaluate_main = entry_point('skinkd_train_teacher'), entry_point('skinkd_distill'), entry_point('skinkd_evaluate')
 pipeline_main, experiment_main, predict_main = entry_point('skinkd_pipeline'), entry_point('skinkd_experiment'), entry_point('skinkd_predict')
+view_main = entry_point('skinkd_view')

@@ -24,14 +24,14 @@ _all_ = ['SkinkdError', 'atomic_write', 'cli_main', 'scratch_dir', 'unique_names
 
 # %% auto #0
 __all__ = ['TAPS', 'TEACHER_KEYS', 'TeacherRecipe', 'BUILDER_ARGS', 'TERM_KEYS', 'OLD_TERM_DEFAULTS', 'MAX_YAML_VALUES', 'STAGES',
-           'NOT_RECIPE', 'PATH_KEYS', 'DEFAULT_CONFIG', 'SMOKE_OVERRIDES', 'ConfigError', 'opt', 'DataConfig',
-           'AugmentConfig', 'ModelConfig', 'Recipe', 'overrides_of', 'TrainConfig', 'TermParam', 'term_params',
-           'DistillTerm', 'DistillConfig', 'EvalConfig', 'OutputConfig', 'Config', 'from_dict', 'parse_term',
-           'parse_override', 'read_yaml', 'load_config', 'teacher_overrides', 'stage_recipe', 'recipe_source',
-           'flat_config', 'differences', 'student_recipe', 'recipe_differences', 'resolve_paths', 'plain_config',
-           'config_to_yaml', 'save_config', 'add_config_args', 'config_from_args', 'with_default_config', 'is_smoke',
-           'notebook_config', 'term_rows', 'describe', 'SkinkdError', 'atomic_write', 'cli_main', 'scratch_dir',
-           'unique_names']
+           'NOT_RECIPE', 'PATH_KEYS', 'DEFAULT_CONFIG', 'SMOKE_OVERRIDES', 'LEAN_OVERRIDES', 'ConfigError', 'opt',
+           'DataConfig', 'AugmentConfig', 'ModelConfig', 'Recipe', 'overrides_of', 'TrainConfig', 'TermParam',
+           'term_params', 'DistillTerm', 'DistillConfig', 'EvalConfig', 'OutputConfig', 'Config', 'from_dict',
+           'parse_term', 'parse_override', 'read_yaml', 'load_config', 'teacher_overrides', 'stage_recipe',
+           'recipe_source', 'flat_config', 'differences', 'student_recipe', 'recipe_differences', 'resolve_paths',
+           'plain_config', 'config_to_yaml', 'save_config', 'add_config_args', 'config_from_args',
+           'with_default_config', 'is_smoke', 'notebook_config', 'term_rows', 'describe', 'SkinkdError', 'atomic_write',
+           'cli_main', 'scratch_dir', 'unique_names']
 
 # %% ../nbs/00a_config.ipynb #17e1d70b
 class ConfigError(SkinkdError, ValueError):
@@ -255,6 +255,8 @@ class EvalConfig:
 class OutputConfig:
     "Where results go."
     run_dir: str = opt('runs/default', 'run folder: config, metrics, checkpoints, plots')
+    tensorboard: bool = opt(False, "write TensorBoard event files into <run>/tb while training (pip install 'skinkd[tensorboard]')")
+    keep_last: bool = opt(True, 'keep checkpoints/last.pt when a run finishes; false keeps only best.pt (a stopped run keeps it)')
 
 @dataclass
 class Config:
@@ -591,6 +593,7 @@ def with_default_config(args: argparse.Namespace, # parsed options of a training
 SMOKE_OVERRIDES = ['data.root=data/synthetic-smoke', 'data.synthetic_n=40', 'data.image_size=64', 'data.num_workers=0',
                    'teacher.backbone=resnet34', 'teacher.pretrained=null', 'student.pretrained=null',
                    'train.epochs=2', 'train.teacher={}', 'train.batch_size=4', 'train.warmup_epochs=0', 'eval.batch_size=8']
+LEAN_OVERRIDES = ['output.keep_last=false']  # skinkd_pipeline and skinkd_experiment: finished runs keep best.pt only
 
 def is_smoke(preset: str) -> bool:
     "Whether a notebook run uses the smoke preset ('auto': only under nbdev_test)."

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .cli import experiment_main
-from .config import (Config, DistillTerm, SkinkdError, SMOKE_OVERRIDES, atomic_write,
+from .config import (LEAN_OVERRIDES, Config, DistillTerm, SkinkdError, SMOKE_OVERRIDES, atomic_write,
                            config_from_args, differences, flat_config, load_config, save_config, stage_recipe)
 from .distill import train_student
 from .evaluate import (VERDICT_HEADS, ModelResult, Verdict, all_pairs_cache, dice_verdict, evaluate_checkpoint,
@@ -76,7 +76,8 @@ def train_once(cfg: Config, # the run's config (output.run_dir is its folder)
     return done
 
 # %% ../nbs/12_experiment.ipynb #9a5f2b9d
-NOT_EXPERIMENT = ('output.run_dir', 'train.resume', 'data.num_workers', 'data.cache_dir')
+NOT_EXPERIMENT = ('output.run_dir', 'output.tensorboard', 'output.keep_last', 'train.resume', 'data.num_workers',
+                  'data.cache_dir')  # where and how it runs, not what it measures
 
 def claim_folder(cfg: Config, out: Path) -> Path:
     "Write the experiment's config into `out`, or check that `out` holds an experiment with the same config."
@@ -287,7 +288,7 @@ def run_experiment(cfg: Config, # resolved config; output.run_dir is the experim
 # %% ../nbs/12_experiment.ipynb #d48e5bc1
 def experiment_command(args: argparse.Namespace) -> dict:
     "What `skinkd_experiment --config C --seeds ... --out DIR` does (options: `skinkd.cli`); prints the verdict."
-    if args.smoke: args.overrides = [*SMOKE_OVERRIDES, *args.overrides]
+    args.overrides = [*LEAN_OVERRIDES, *(SMOKE_OVERRIDES if args.smoke else []), *args.overrides]
     cfg = config_from_args(args)
     record = run_experiment(cfg, args.seeds, args.teacher_weights, args.ablation, args.external)
     if is_main():

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .config import (Config, DistillConfig, DistillTerm, ModelConfig, SkinkdError, TrainConfig, atomic_write, from_dict, recipe_source, save_config,
                            stage_recipe, teacher_overrides)
+from .board import RunBoard, board_images, summary_writer
 from .core import DeferredStop, Stopped, remove_stale_temps
 from .metrics import MetricAccumulator
 from .data import EpochSampler, preprocessing
@@ -316,6 +317,7 @@ class Learner:
         self.scaler = self._scaler()
         self.epoch, self.history, self.best, self.bad_epochs = 0, [], -1.0, 0
         self.resume_at, self.stop = None, None  # (batch, loss sums) of a run stopped mid-epoch; the DeferredStop of fit
+        self.board = None  # the TensorBoard writer while `fit` runs (output.tensorboard)
         if self.batches_per_epoch == 0:
             key = recipe_source(cfg.train, 'batch_size', mode)
             raise SkinkdError(f'the training split has fewer images per process than {key} ({self.tc.batch_size}); '
@@ -362,10 +364,25 @@ class Learner:
             if self.mode == 'teacher' and (over := teacher_overrides(self.cfg.train)):
                 tqdm.write(f"teacher recipe: {', '.join(f'{k} {v}' for k, v in over.items())} (train.teacher); the rest as train")
         self.fit_started, self.fit_first_epoch = time.time(), self.epoch  # for the ETA: wall clock, checkpoints included
+        self.board = self._open_board()
         try: self._fit_epochs()
         finally:  # workers ignore SIGTERM (the main process handles it), so stop them here, not at interpreter exit
             for loader in self.loaders.values(): release_workers(loader)
+            if self.board is not None: self.board.close()
+        self._drop_last()
         return self.history[-1] if self.history else {}
+
+    def _open_board(self) -> RunBoard | None:
+        "The run's TensorBoard writer in `<run>/tb` (output.tensorboard, main process), continuing a resumed run's curves."
+        if not (self.cfg.output.tensorboard and is_main()): return None
+        terms = self.cfg.distill.terms if self.mode == 'distill' else []
+        weights = dict(zip(term_names(terms), (t.weight for t in terms)))
+        return RunBoard(self.run_dir / 'tb', board_images(self.loaders['val'].dataset), weights,
+                        self.cfg.augment.normalize, self.epoch, self.cfg.eval.threshold)
+
+    def _drop_last(self):
+        "Delete a finished run's last.pt unless output.keep_last (a stopped or failed run never gets here: it resumes)."
+        if not self.cfg.output.keep_last and is_main(): (self.run_dir / 'checkpoints' / 'last.pt').unlink(missing_ok=True)
 
     def _fit_epochs(self):
         "The epochs of `fit`, under a deferred stop: SIGINT/SIGTERM finish the step, save and stop (`train_epoch`)."
@@ -452,6 +469,7 @@ def end_epoch(self: Learner, train: dict, val: dict, seconds: float):
     improved = val['dice'] > self.best
     self.best, self.bad_epochs = (float(val['dice']), 0) if improved else (self.best, self.bad_epochs + 1)
     if not is_main(): return
+    if self.board is not None: self.board.log_epoch(row, unwrap(self.model), self.device, self.batches_per_epoch)
     self.save('last.pt', val)
     if improved: self.save_best(val)
     write_history(self.history, self.run_dir / 'metrics.csv')
@@ -581,6 +599,7 @@ def train_model(cfg: Config, # the resolved config
     "Seed, build the model and the data, and train: the one entry point of every training mode."
     from skinkd.data import get_data, labels_csv
     from skinkd.models import build_model
+    if cfg.output.tensorboard: summary_writer()  # refused before anything is built when TensorBoard is missing
     init_distributed(); set_seed(cfg.train.seed, cfg.train.deterministic)
     last = Path(cfg.output.run_dir) / 'checkpoints' / 'last.pt'
     if mode == 'distill' and cfg.train.resume and last.is_file():  # refused before the data and soft labels are built

@@ -19,7 +19,7 @@ from nbclient.exceptions import CellTimeoutError, DeadKernelError
 import skinkd
 from .data import prepare_root
 from .cli import pipeline_main
-from .config import Config, SkinkdError, atomic_write, notebook_config, save_config
+from .config import LEAN_OVERRIDES, Config, SkinkdError, atomic_write, notebook_config, save_config
 
 # %% auto #0
 __all__ = ['DEMO_TAG', 'KERNEL_ARGS', 'RUN_NAMES', 'main', 'Stage', 'stages', 'notebooks_dir', 'stage_params', 'check_parameters',
@@ -124,13 +124,14 @@ def summary_text(summary: dict, out: Path) -> str:
                     f"{_cell(t.get('jaccard')):>8} {_cell(t.get('hd95'), '.1f'):>8}")
     return '\n'.join([f'finished in {m} min {s:02d} s: {out}', '', *rows, '', *summary.get('verdict', []), '',
                       f"report: {out / 'report' / 'report.md'} (summary.json, figures and per-image scores beside it)",
-                      f"viewer: open nbs/10_viewer.ipynb in JupyterLab and set run_dir = '{out / 'report'}'"])
+                      f"viewer: skinkd_view {out / 'report'} (or nbs/10_viewer.ipynb in JupyterLab, run_dir = '{out / 'report'}')"])
 
 # %% ../nbs/11_pipeline.ipynb #fb68cfb8
 def run_pipeline(config: str | Path, out: str | Path, overrides: list[str] = (), smoke: bool = False,
                  log_output: bool = True) -> dict:
     "Execute every stage in order into the run folder `out`; return the summary."
     start, nbs, out = time.time(), notebooks_dir(), Path(out).resolve()
+    overrides = [*LEAN_OVERRIDES, *overrides]  # finished stages keep best.pt only, unless --set output.keep_last=true
     if (out / 'notebooks').exists():
         raise SkinkdError(f'{out} already holds a pipeline run; choose another --out (or delete it to start over)')
     if out.is_dir() and any(out.iterdir()):  # checked before anything is written: a refused folder is never touched

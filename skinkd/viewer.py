@@ -5,8 +5,11 @@
 # %% ../nbs/10_viewer.ipynb #d191c5b5
 from __future__ import annotations
 
+import argparse
 import csv
 import html
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -25,10 +28,11 @@ _all_ = ['ERROR_COLORS', 'OVERLAY_MODES', 'PALETTE', 'PREDICTIONS_FORMAT', 'SPAR
          'error_map', 'layer_color', 'load_predictions', 'mask_edges', 'overlay', 'save_predictions', 'side_by_side', 'to_png']  # 05a_overlays' names, importable from here as before
 
 # %% auto #0
-__all__ = ['LOWER_IS_BETTER', 'VIEW_MODES', 'lower_is_better', 'sort_order', 'metrics_html', 'overlap_scores',
-           'synthetic_example', 'MaskViewer', 'LazyImages', 'ERROR_COLORS', 'OVERLAY_MODES', 'PALETTE',
-           'PREDICTIONS_FORMAT', 'SPARE_COLORS', 'ViewerError', 'as_mask', 'as_rgb', 'blend', 'error_map',
-           'layer_color', 'load_predictions', 'mask_edges', 'overlay', 'save_predictions', 'side_by_side', 'to_png']
+__all__ = ['LOWER_IS_BETTER', 'VIEW_MODES', 'VIEW_EXTRA', 'lower_is_better', 'sort_order', 'metrics_html', 'overlap_scores',
+           'synthetic_example', 'MaskViewer', 'LazyImages', 'view_page', 'serving_line', 'voila_args', 'view_command',
+           'ERROR_COLORS', 'OVERLAY_MODES', 'PALETTE', 'PREDICTIONS_FORMAT', 'SPARE_COLORS', 'ViewerError', 'as_mask',
+           'as_rgb', 'blend', 'error_map', 'layer_color', 'load_predictions', 'mask_edges', 'overlay',
+           'save_predictions', 'side_by_side', 'to_png']
 
 # %% ../nbs/10_viewer.ipynb #dbc4a89b
 LOWER_IS_BETTER = ('hd95', 'hausdorff', 'loss', 'error', 'failure')
@@ -282,3 +286,42 @@ def from_predict(cls: MaskViewer, out, # the output folder of `skinkd_predict` (
     masks = LazyImages([out / f"{r['id']}_segmentation.png" for r in rows], 'mask', max_side)
     metrics = {k: [float(r[k]) for r in rows] for k in ('lesion_fraction', 'mean_confidence')}
     return cls(LazyImages([r['file'] for r in rows], 'image', max_side), None, {'prediction': masks}, metrics, [r['id'] for r in rows], **kwargs)
+
+# %% ../nbs/10_viewer.ipynb #d11a2fe2
+VIEW_EXTRA = "pip install 'skinkd[viewer]'"
+
+def view_page(folder: str | Path) -> dict:
+    "The notebook `skinkd_view` serves: a title, and one cell that shows the viewer of `folder`."
+    import nbformat
+    title = (f'# skinkd mask viewer\n\n`{folder}`: sort by a metric to see the failures first; the error map shows '
+             'missed lesion (blue) and invented lesion (red).')
+    page = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(title),
+                                           nbformat.v4.new_code_cell(f'from skinkd.viewer import MaskViewer\n'
+                                                                     f'MaskViewer.from_run({str(folder)!r})')])
+    page.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}
+    return page
+
+def serving_line(folder: Path, n: int, host: str, port: int) -> str:
+    "The first line `skinkd_view` prints: what it serves, where, and who can reach it."
+    local = host in ('127.0.0.1', 'localhost', '::1')
+    who = 'this machine only; --host 0.0.0.0 shares it' if local else 'reachable from other machines'
+    return f'serving the mask viewer of {folder} ({n} images) at http://{host}:{port}/ ({who}); Ctrl-C stops it'
+
+def voila_args(page: Path, host: str, port: int) -> list[str]:
+    "The Voila command line serving `page` on `host`:`port`, no browser, code cells hidden."
+    return [sys.executable, '-m', 'voila', str(page), f'--Voila.ip={host}', f'--port={port}', '--no-browser',
+            '--Voila.port_retries=0', '--strip_sources=True']
+
+def view_command(args: argparse.Namespace):
+    "What `skinkd_view FOLDER [--port N] [--host H]` does: check the folder, then serve its viewer until stopped."
+    import importlib.util, nbformat, tempfile
+    folder = Path(args.folder).resolve()
+    n = len(MaskViewer.from_run(folder).ids)  # a wrong folder is refused here, before any server starts
+    if importlib.util.find_spec('voila') is None: raise ViewerError(f'skinkd_view needs Voila: {VIEW_EXTRA}')
+    with tempfile.TemporaryDirectory(prefix='skinkd-view-') as tmp:
+        page = Path(tmp) / 'viewer.ipynb'
+        nbformat.write(view_page(folder), page)
+        print(serving_line(folder, n, args.host, args.port), flush=True)
+        try: code = subprocess.run(voila_args(page, args.host, args.port), cwd=tmp).returncode
+        except KeyboardInterrupt: code = 0
+    if code: sys.exit(code)

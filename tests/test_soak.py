@@ -15,21 +15,10 @@ import torch
 
 from skinkd.data import build_cache, discover, verify_caches
 
-from conftest import REPO
+from conftest import tiny_sets as sets
 
 ENV = {**os.environ, 'SKINKD_PROGRESS': '0', 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
 SOAK_SECONDS = 300  # the bound on the four runs together (about 15 s on 2 cores)
-TINY = ['data.synthetic_n=24', 'data.image_size=48', 'data.num_workers=0', 'teacher.backbone=resnet18',
-        'teacher.pretrained=null', 'student.pretrained=null', 'train.epochs=2', 'train.teacher={}', 'train.batch_size=4',
-        'train.warmup_epochs=0', 'train.deterministic=true', 'eval.batch_size=8']
-
-
-def sets(root: Path, cache: Path, *extra: str) -> list[str]:
-    """--config and --set arguments for a tiny synthetic run with its data in `root` and its caches in `cache`."""
-    pairs = [*TINY, f'data.root={root}', f'data.cache_dir={cache}', *extra]
-    return ['--config', str(REPO / 'configs' / 'demo.yaml'), *[a for s in pairs for a in ('--set', s)]]
-
-
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
     p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=SOAK_SECONDS)
     assert p.returncode == 0, f'{cmd} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}'

@@ -227,7 +227,8 @@ def test_smoke_pipeline_through_papermill(tmp_path):
     assert 'teacher epoch 2/2' in console and 'raw epoch 2/2' in console  # the cells' own lines are echoed live
     assert f"== 07_train_teacher (stage 2 of 5): nbs/07_train_teacher.ipynb -> {out / 'teacher'}" in console  # where each stage runs
     assert next(l for l in console.splitlines() if l.startswith('teacher epoch 1/2')).endswith(' s)') and 'ETA' in console
-    assert p.stdout.splitlines()[-1].startswith('viewer: open nbs/10_viewer.ipynb') and 'finished in ' in p.stdout
+    assert p.stdout.splitlines()[-1] == (f"viewer: skinkd_view {out / 'report'} (or nbs/10_viewer.ipynb in JupyterLab, "
+                                         f"run_dir = '{out / 'report'}')") and 'finished in ' in p.stdout
     summary = json.loads((out / 'summary.json').read_text())
     assert {'teacher_val_dice', 'raw_val_dice', 'distill_val_dice', 'wall_seconds'} <= set(summary)
     names = sorted(x.name for x in (out / 'notebooks').iterdir())
@@ -235,10 +236,11 @@ def test_smoke_pipeline_through_papermill(tmp_path):
     assert load_config(out / 'distill' / 'config.yaml').train.epochs == 2
     assert (out / 'report' / 'report.md').is_file()
     image_size = load_config(out / 'config.yaml').data.image_size
-    for run_dir in ('teacher', 'raw', 'distill'):  # best.pt: weights and metadata; last.pt: what resuming needs
-        best, last = (load_checkpoint(out / run_dir / 'checkpoints' / f) for f in ('best.pt', 'last.pt'))
+    for run_dir in ('teacher', 'raw', 'distill'):  # best.pt: weights and metadata; last.pt (resuming) is not kept
+        assert sorted(f.name for f in (out / run_dir / 'checkpoints').iterdir()) == ['best.pt']
+        best = load_checkpoint(out / run_dir / 'checkpoints' / 'best.pt')
         assert 'optimizer' not in best and best['preprocessing']['image_size'] == image_size
-        assert last['optimizer'] is not None and best['extra']['mode'] == run_dir
+        assert best['extra']['mode'] == run_dir
 
 
 

@@ -19,15 +19,12 @@ import pytest
 from PIL import Image
 
 from skinkd.config import SkinkdError
+from conftest import ARTIFACTS, browser_page, free_port, stop_server, wait_http
 from skinkd.viewer import (ERROR_COLORS, PALETTE, MaskViewer, ViewerError, blend, load_predictions, mask_edges,
                            overlay, save_predictions, side_by_side, sort_order, synthetic_example, to_png)
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / 'nbs' / '10_viewer.ipynb'
-ARTIFACTS = REPO / 'test-artifacts'
-CHROMIUM = Path('/usr/bin/chromium')
-CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-                 '--disable-background-networking', '--disable-component-update', '--disable-sync']
 
 
 def png_array(data: bytes) -> np.ndarray:
@@ -218,26 +215,6 @@ def _descendants(state: dict, model_id: str) -> list[str]:
 
 # ---------------------------------------------------------------- a real browser
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60):
-    "Wait until `url` answers 200, failing early with the server log if the server dies."
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            pytest.fail(f'JupyterLab exited with {proc.returncode}:\n{log.read_text()[-3000:]}')
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200: return
-        except OSError:
-            time.sleep(0.3)
-    pytest.fail(f'JupyterLab did not answer within {timeout} s:\n{log.read_text()[-3000:]}')
-
-
 @pytest.fixture
 def jupyterlab(tmp_path):
     "JupyterLab on 127.0.0.1 (free port, random token), serving a folder with a copy of the viewer notebook."
@@ -250,7 +227,7 @@ def jupyterlab(tmp_path):
     (settings / 'notification.jupyterlab-settings').write_text(json.dumps({'fetchNews': 'false', 'checkForUpdates': False}))
     (settings.parent / 'notebook-extension').mkdir()   # start the notebook's kernel without asking
     (settings.parent / 'notebook-extension' / 'tracker.jupyterlab-settings').write_text(json.dumps({'autoStartDefaultKernel': True}))
-    port, token = _free_port(), secrets.token_hex(16)
+    port, token = free_port(), secrets.token_hex(16)
     env = {**os.environ, 'HOME': str(home), 'JUPYTER_CONFIG_DIR': str(home / 'config'), 'JUPYTER_RUNTIME_DIR': str(home / 'runtime'),
            'JUPYTERLAB_SETTINGS_DIR': str(home / 'lab-settings'), 'JUPYTERLAB_WORKSPACES_DIR': str(home / 'workspaces'),
            'PYTHONUNBUFFERED': '1'}
@@ -262,62 +239,39 @@ def jupyterlab(tmp_path):
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f'http://127.0.0.1:{port}'
-        _wait_http(f'{base}/api/status?token={token}', proc, log)
+        wait_http(f'{base}/api/status?token={token}', proc, log)
         yield dict(base=base, token=token, log=log)
     finally:
-        _stop(proc)
-
-
-def _stop(proc: subprocess.Popen):
-    "Stop the server we started (and its kernels, in its own process group)."
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try: proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL); proc.wait(5)
-    try: os.killpg(proc.pid, signal.SIGKILL)   # kernels left in the group, if any
-    except ProcessLookupError: pass
+        stop_server(proc)
 
 
 @pytest.mark.timeout(170)
 def test_viewer_in_a_real_browser(jupyterlab):
-    if not CHROMIUM.exists():
-        pytest.skip('Debian chromium not found at /usr/bin/chromium (install it with: apt-get install -y chromium)')
-    sync_api = pytest.importorskip('playwright.sync_api', reason='playwright is not installed (pip install playwright)')
-    ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / 'viewer_failure.png').unlink(missing_ok=True)
-    errors = []
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=30_000)
-        try:
-            page = browser.new_page(viewport={'width': 1400, 'height': 1000})
-            page.set_default_timeout(30_000)
-            page.on('console', lambda m: errors.append(f'console: {m.text}') if m.type == 'error' else None)
-            page.on('pageerror', lambda e: errors.append(f'page error: {e}'))
-            try: _run_viewer_notebook(page, jupyterlab)
-            except Exception:
-                page.screenshot(path=str(ARTIFACTS / 'viewer_failure.png'))
-                raise
-            first, readout, info = _viewer_state(page)
-            assert first.startswith(('blob:', 'data:image/png')) and readout == '0'
-            handle = page.locator('.skinkd-slider .noUi-handle').first
-            handle.focus()
-            page.keyboard.press('ArrowRight')
-            page.wait_for_function('old => { const i = document.querySelector(".skinkd-image"); return i && i.src !== old; }',
-                                   arg=first, timeout=30_000)
-            page.wait_for_function('old => document.querySelector(".skinkd-info").innerText !== old', arg=info, timeout=30_000)
-            second, readout2, info2 = _viewer_state(page)
-            assert second != first and readout2 == '1' and info2 != info
-            page.locator('.skinkd-viewer').scroll_into_view_if_needed()
-            page.wait_for_timeout(300)
-            page.screenshot(path=str(ARTIFACTS / 'viewer_browser.png'))
-            page.locator('.skinkd-viewer').screenshot(path=str(ARTIFACTS / 'viewer_widget.png'))
-            page.locator('.skinkd-viewer button', has_text='error map').click()   # a second control: the view mode
-            page.wait_for_function('old => document.querySelector(".skinkd-image").src !== old', arg=second, timeout=30_000)
-            page.wait_for_function('() => document.querySelector(".skinkd-info").innerText.includes("false negative")', timeout=30_000)
-            page.locator('.skinkd-viewer').screenshot(path=str(ARTIFACTS / 'viewer_error_map.png'))
-        finally:
-            browser.close()
+    with browser_page(1400, 1000) as (page, errors):
+        page.on('console', lambda m: errors.append(f'console: {m.text}') if m.type == 'error' else None)
+        try: _run_viewer_notebook(page, jupyterlab)
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / 'viewer_failure.png'))
+            raise
+        first, readout, info = _viewer_state(page)
+        assert first.startswith(('blob:', 'data:image/png')) and readout == '0'
+        handle = page.locator('.skinkd-slider .noUi-handle').first
+        handle.focus()
+        page.keyboard.press('ArrowRight')
+        page.wait_for_function('old => { const i = document.querySelector(".skinkd-image"); return i && i.src !== old; }',
+                               arg=first, timeout=30_000)
+        page.wait_for_function('old => document.querySelector(".skinkd-info").innerText !== old', arg=info, timeout=30_000)
+        second, readout2, info2 = _viewer_state(page)
+        assert second != first and readout2 == '1' and info2 != info
+        page.locator('.skinkd-viewer').scroll_into_view_if_needed()
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(ARTIFACTS / 'viewer_browser.png'))
+        page.locator('.skinkd-viewer').screenshot(path=str(ARTIFACTS / 'viewer_widget.png'))
+        page.locator('.skinkd-viewer button', has_text='error map').click()   # a second control: the view mode
+        page.wait_for_function('old => document.querySelector(".skinkd-image").src !== old', arg=second, timeout=30_000)
+        page.wait_for_function('() => document.querySelector(".skinkd-info").innerText.includes("false negative")', timeout=30_000)
+        page.locator('.skinkd-viewer').screenshot(path=str(ARTIFACTS / 'viewer_error_map.png'))
     assert not errors, 'browser console errors:\n' + '\n'.join(errors)
 
 
@@ -370,3 +324,63 @@ def test_from_dataset_on_real_data(shared_data):
     big.picker.value = big.ids[-1]
     assert big.slider.value == len(big.ids) - 1 and big.image.value != first
     assert png_array(big.image.value).shape == (128, 128, 3) and big.ids[-1] in big.info.value
+
+
+# ---------------------------------------------------------------- skinkd_view: the viewer as a web page (Voila)
+
+@pytest.fixture
+def view_page(tmp_path):
+    "skinkd_view serving a report folder (the synthetic example's predictions) on a free port of 127.0.0.1."
+    pytest.importorskip('voila', reason="voila is not installed (pip install 'skinkd[viewer]')")
+    report, demo = tmp_path / 'report', synthetic_example(8, 192, seed=3)
+    save_predictions(report / 'predictions.npz', demo['ids'], np.stack(demo['images']), np.stack(demo['truth']),
+                     {k: np.stack(v) for k, v in demo['preds'].items()}, demo['metrics'])
+    port, log = free_port(), tmp_path / 'view.log'
+    with open(log, 'wb') as fh:
+        proc = subprocess.Popen(['skinkd_view', str(report), '--port', str(port)], stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, 'PYTHONUNBUFFERED': '1'}, start_new_session=True)
+    try:
+        wait_http(f'http://127.0.0.1:{port}/', proc, log, timeout=90, what='skinkd_view')
+        yield dict(url=f'http://127.0.0.1:{port}/', log=log, report=report, port=port, demo=demo)
+    finally:
+        stop_server(proc)
+
+
+def test_skinkd_view_says_where_it_serves_in_its_first_line(view_page):
+    demo = view_page['demo']
+    first = view_page['log'].read_text().splitlines()[0]
+    assert first == (f"serving the mask viewer of {view_page['report']} ({len(demo['ids'])} images) at "
+                     f"http://127.0.0.1:{view_page['port']}/ (this machine only; --host 0.0.0.0 shares it); "
+                     'Ctrl-C stops it')
+
+
+def test_skinkd_view_refuses_a_folder_without_predictions_in_one_line(tmp_path):
+    p = subprocess.run(['skinkd_view', str(tmp_path)], capture_output=True, text=True, timeout=120)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and 'predictions.npz' in lines[0] and str(tmp_path) in lines[0], p.stderr
+    assert not p.stdout  # no server was started, so nothing said it serves
+
+
+@pytest.mark.timeout(170)
+def test_viewer_page_in_a_real_browser(view_page):
+    demo = view_page['demo']
+    with browser_page(1200, 760, timeout_ms=60_000) as (page, errors):
+        page.goto(view_page['url'], wait_until='domcontentloaded')
+        page.wait_for_selector('.skinkd-viewer img.skinkd-image[src]')
+        page.wait_for_selector('.skinkd-info table')
+        assert 'MaskViewer.from_run' not in page.content()  # the page is the viewer: no code cells
+        first, readout, info = _viewer_state(page)
+        assert readout == '0' and demo['ids'][0] in info
+        page.locator('.skinkd-slider .noUi-handle').first.focus()
+        page.keyboard.press('ArrowRight')  # the image selector
+        page.wait_for_function('old => document.querySelector(".skinkd-image").src !== old', arg=first)
+        second, readout2, info2 = _viewer_state(page)
+        assert readout2 == '1' and demo['ids'][1] in info2
+        page.locator('.widget-dropdown', has_text='sort by').locator('select').select_option('distilled/dice')
+        page.wait_for_function('() => document.querySelector(".skinkd-info").innerText.includes("by distilled/dice")')
+        worst = demo['ids'][int(np.argmin(demo['metrics']['distilled/dice']))]
+        page.wait_for_function('id => document.querySelector(".skinkd-info").innerText.includes(id)', arg=worst)
+        assert _viewer_state(page)[1] == '0'  # the worst distilled image comes first
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(ARTIFACTS / 'viewer_page.png'))
+    assert not errors, '\n'.join(errors)
