@@ -375,7 +375,8 @@ OLD_TERM_DEFAULTS = {'temperature': 1.0, 'normalize': False, 'pool_size': 16}  #
 
 def _checked(value, tp, md: Mapping, path: str):
     "`value` converted to `tp` and checked against the bounds in `md`."
-    value = _coerce(value, tp, path); _check_range(value, md, path)
+    value = _coerce(value, tp, path)
+    _check_range(value, md, path)
     return value
 
 def parse_term(data: Any, # one entry of `distill.terms`, as YAML data

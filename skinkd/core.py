@@ -129,20 +129,28 @@ class _WatchedFile:
     def __init__(self, f): self.f, self.error = f, None
     def write(self, b):
         try: return self.f.write(b)
-        except OSError as e: self.error = e; raise
+        except OSError as e:
+            self.error = e
+            raise
     def __getattr__(self, name): return getattr(self.f, name)
 
 def atomic_write(path: str | Path, # the file to (re)write
                  write, # called with a binary file object that receives the content
                 ) -> Path:
     "Write `path` through a temporary file beside it, fsync and rename: readers never see a half-written file."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     try: fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     except OSError as e: raise disk_error(e, path.parent) from None
     f = None
     try:
-        with os.fdopen(fd, 'wb') as raw: f = _WatchedFile(raw); write(f); raw.flush(); os.fsync(raw.fileno())
-        os.chmod(tmp, 0o644); os.replace(tmp, path)
+        with os.fdopen(fd, 'wb') as raw:
+            f = _WatchedFile(raw)
+            write(f)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         cause = f.error if f is not None and f.error is not None else e  # the disk's fault under torch's or numpy's error
@@ -246,9 +254,11 @@ def build_lock(path: str | Path, # the folder or file to build
 @contextmanager
 def staged_files(out: str | Path):
     "A staging folder whose files move into `out` together when the block succeeds; on failure nothing of it stays."
-    out = Path(out); created = not out.exists()
+    out = Path(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    stage = temp_sibling(out / 'staged'); stage.mkdir()
+    stage = temp_sibling(out / 'staged')
+    stage.mkdir()
     try:
         yield stage
         for f in sorted(stage.iterdir()): os.replace(f, out / f.name)
@@ -302,7 +312,8 @@ class Registry:
 
     def entries(self) -> list:
         "The registered entries, in registration order."
-        self.names(); return list(self._entries.values())
+        self.names()
+        return list(self._entries.values())
 
     def get(self, name: str) -> Any:
         "The entry registered as `name`; `UnknownEntry` with a suggestion when there is none."

@@ -110,8 +110,11 @@ def _scan_isic(root: Path, layout: str):
         if not (root / img_dir).is_dir(): continue
         found = True
         if not (root / gt_dir).is_dir():
-            warnings.warn(f'{root / img_dir}: no ground-truth folder {gt_dir}; these unlabelled images are ignored'); continue
-        s, o = _pair_folder(root / img_dir, root / gt_dir, split); samples += s; orphans += o
+            warnings.warn(f'{root / img_dir}: no ground-truth folder {gt_dir}; these unlabelled images are ignored')
+            continue
+        s, o = _pair_folder(root / img_dir, root / gt_dir, split)
+        samples += s
+        orphans += o
     if not found:
         raise DataError(f'{root} has no {layout} folders: expected e.g. {root / ISIC_PARTS[layout][0][1]} and '
                         f'{root / ISIC_PARTS[layout][0][2]}; check --data / data.root, or use --layout auto')
@@ -202,7 +205,8 @@ def _hash_split(samples: list[Sample], fractions: dict[str, float], seed: int, g
         target, got = (max(1, round(frac * n)) if frac > 0 and len(keys) >= 3 else 0), 0
         while got < target and i < len(keys) - 1:
             for x in groups[keys[i]]: out[x] = split
-            got += len(groups[keys[i]]); i += 1
+            got += len(groups[keys[i]])
+            i += 1
     for k in keys[i:]:
         for x in groups[k]: out[x] = 'train'
     return out
@@ -296,10 +300,12 @@ CACHE_VERSION = 3  # how files are decoded and judged, in the check and cache ke
 def _open(path: Path, what: str) -> Image.Image:
     "Open and decode an image file upright (EXIF orientation applied), raising `DataError` naming it when it cannot be decoded."
     try:
-        im = Image.open(path); im.load()
+        im = Image.open(path)
+        im.load()
         turn = im.getexif().get(EXIF_ORIENTATION, 1)
         if turn in range(2, 9):
-            im = ImageOps.exif_transpose(im); im.info['upright'] = f'turned upright by its EXIF orientation ({turn})'
+            im = ImageOps.exif_transpose(im)
+            im.info['upright'] = f'turned upright by its EXIF orientation ({turn})'
         return im
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         raise DataError(f'cannot decode {what} {path} ({type(e).__name__}: {e}); re-export or remove it') from None
@@ -316,7 +322,9 @@ def load_pair(s: Sample) -> tuple[np.ndarray, np.ndarray]:
 # %% ../nbs/01_data.ipynb #ebc185d1
 def _is_utf8(name: str) -> bool:
     "Whether a file name decoded from the file system is valid UTF-8 (undecodable bytes become surrogates)."
-    try: name.encode('utf-8'); return True
+    try:
+        name.encode('utf-8')
+        return True
     except UnicodeEncodeError: return False
 
 def _check_sample(s: Sample, needs_mask: bool = True) -> dict:
@@ -325,13 +333,24 @@ def _check_sample(s: Sample, needs_mask: bool = True) -> dict:
     if (odd := [p for p in (s.image, s.mask) if p is not None and not _is_utf8(p.name)]):
         out['problems'].append(f'file name {ascii(str(odd[0]))} is not valid UTF-8; rename the file (ids are written into CSV and JSON reports)')
         return out
-    try: im = _open(s.image, 'image'); img, note = _to_rgb(im)
-    except DataError as e: out['problems'].append(str(e)); return out
-    out['hw'] = list(img.shape[:2]); out['notes'] += [f'{s.image}: {n}' for n in (im.info.get('upright'), note) if n]
+    try:
+        im = _open(s.image, 'image')
+        img, note = _to_rgb(im)
+    except DataError as e:
+        out['problems'].append(str(e))
+        return out
+    out['hw'] = list(img.shape[:2])
+    out['notes'] += [f'{s.image}: {n}' for n in (im.info.get('upright'), note) if n]
     if s.mask is None and not needs_mask: return out
-    if s.mask is None: out['problems'].append(f'image {s.image} has no mask; add its mask or remove the image'); return out
-    try: mim = _open(s.mask, 'mask'); m, mnote = _mask_array(mim)
-    except DataError as e: out['problems'].append(str(e)); return out
+    if s.mask is None:
+        out['problems'].append(f'image {s.image} has no mask; add its mask or remove the image')
+        return out
+    try:
+        mim = _open(s.mask, 'mask')
+        m, mnote = _mask_array(mim)
+    except DataError as e:
+        out['problems'].append(str(e))
+        return out
     out['notes'] += [f'{s.mask}: {n}' for n in (mim.info.get('upright'), mnote) if n]
     if m.shape != img.shape[:2]:
         out['problems'].append(f'image {s.image} is {img.shape[1]}x{img.shape[0]} but mask {s.mask} is {m.shape[1]}x{m.shape[0]}; save the mask at the image size')
@@ -528,7 +547,8 @@ def restore_original(prob: torch.Tensor, # (C,S,S) probabilities or logits at th
     "Map a (C,S,S) prediction back to the original (C,H,W): upsample to the padded square, crop the padding."
     h, w = int(orig_hw[0]), int(orig_hw[1])
     if not padded: return F.interpolate(prob[None].float(), size=(h, w), mode='bilinear', align_corners=False)[0]
-    p = max(h, w); (top, _), (left, _) = _square_pad(h, w)
+    p = max(h, w)
+    (top, _), (left, _) = _square_pad(h, w)
     up = F.interpolate(prob[None].float(), size=(p, p), mode='bilinear', align_corners=False)[0]
     return up[:, top:top + h, left:left + w]
 
@@ -911,7 +931,8 @@ class EpochSampler(Sampler):
 def seed_worker(worker_id: int):
     "Seed numpy and random in a DataLoader worker from its torch seed; leave SIGINT and SIGTERM to the main process."
     s = torch.initial_seed() % 2 ** 32
-    np.random.seed(s); random.seed(s)
+    np.random.seed(s)
+    random.seed(s)
     for sig in (signal.SIGINT, signal.SIGTERM): signal.signal(sig, signal.SIG_IGN)  # Ctrl-C and schedulers signal the whole group
 
 def build_loader(dataset: Dataset, # e.g. a `SegDataset`

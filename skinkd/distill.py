@@ -160,14 +160,17 @@ def soft_map_figure(images: np.ndarray, # (N,S,S,3) uint8 or float images in [0,
     dice = {k: per_image_metrics(torch.from_numpy(m > 0.5), truth_t, with_hd95=False)['dice'] for k, m in maps.items()}
     fig, axes = plt.subplots(n, len(names) + 1, figsize=(2.3 * (len(names) + 1) + 0.8, 2.3 * n), squeeze=False)
     for i in range(n):
-        axes[i, 0].imshow(images[i]); axes[i, 0].contour(truth[i] > 0, levels=[0.5], colors='lime', linewidths=1)
+        axes[i, 0].imshow(images[i])
+        axes[i, 0].contour(truth[i] > 0, levels=[0.5], colors='lime', linewidths=1)
         axes[i, 0].set_ylabel(ids[i] if ids else f'image {i}', fontsize=8)
         for j, name in enumerate(names, 1):
             im = axes[i, j].imshow(maps[name][i], vmin=0, vmax=1, cmap='magma')
             axes[i, j].contour(truth[i] > 0, levels=[0.5], colors='lime', linewidths=0.6)
             axes[i, j].set_xlabel(f'Dice {float(dice[name][i]):.3f}', fontsize=8)
     for j, title in enumerate(['image, true outline (green)'] + [f'{k}: P(lesion)' for k in names]): axes[0, j].set_title(title, fontsize=9)
-    for ax in axes.flat: ax.set_xticks([]); ax.set_yticks([])
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
     fig.colorbar(im, ax=axes, fraction=0.03, pad=0.02, label='P(lesion)')
     return fig
 
@@ -175,11 +178,14 @@ def soft_map_figure(images: np.ndarray, # (N,S,S,3) uint8 or float images in [0,
 def term_curves_figure(history: list[dict], terms: list[DistillTerm], title: str = 'distilled student'):
     "The training loss split into its weighted terms, per epoch (log scale)."
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.4)); ep = [r['epoch'] for r in history]
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ep = [r['epoch'] for r in history]
     ax.plot(ep, [r['train_loss'] for r in history], 'k--', lw=1, label='total')
     for name, values in term_contributions(history, terms).items(): ax.plot(ep, values, marker='o', ms=3, label=name)
     ax.set(xlabel='epoch', ylabel='contribution to the training loss', yscale='log', title=f'{title}: loss terms, weights applied')
-    ax.legend(fontsize=8); ax.grid(alpha=0.3, which='both'); fig.tight_layout()
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which='both')
+    fig.tight_layout()
     return fig
 
 # %% ../nbs/08_distill.ipynb #2bed4256

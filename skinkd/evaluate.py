@@ -72,7 +72,9 @@ def cpu_latency(model: torch.nn.Module, # the model (copied to the CPU in eval m
     model(x)
     times = []
     for _ in range(runs):
-        t0 = time.perf_counter(); model(x); times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
 # %% ../nbs/09_evaluate.ipynb #ea429e32
@@ -204,7 +206,8 @@ def dice_verdict(diffs: np.ndarray, # per-image Dice distilled − raw: (images,
                  raw_val: float | None = None, # the raw student's best validation Dice
                  n_boot: int = 2000, seed: int = 0) -> Verdict:
     "The verdict of paired Dice differences: helped when the 95% CI lies above 0, hurt when below."
-    d = np.atleast_2d(np.asarray(diffs, float)); d = d[:, np.isfinite(d).all(0)]
+    d = np.atleast_2d(np.asarray(diffs, float))
+    d = d[:, np.isfinite(d).all(0)]
     lo, hi = bootstrap_ci(d, n_boot, seed)
     effect = 'helped' if lo > 0 else 'hurt' if hi < 0 else 'no effect'
     return Verdict(effect, float(d.mean()) if d.size else math.nan, (lo, hi), wilcoxon_p(d.mean(0)) if d.size else math.nan,
@@ -253,13 +256,15 @@ def paired_table(paired: dict[str, dict[str, float]]) -> str:
 # %% ../nbs/09_evaluate.ipynb #c4aad618
 def box_plots(results: list[ModelResult], path: str | Path, metrics=('dice', 'jaccard', 'hd95')) -> Path:
     "Box plots of per-image metrics, one panel per metric, one box per model, saved as PNG."
-    import matplotlib; matplotlib.use('Agg', force=False)
+    import matplotlib
+    matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False, layout='constrained')
     for ax, k in zip(axes[0], metrics):
         ax.boxplot([r.per_image[k][np.isfinite(r.per_image[k])] for r in results])
         ax.set_xticks(range(1, len(results) + 1), [r.name for r in results])
-        ax.set(title=k, ylabel=f"{k} per image ({'pixels, lower' if k == 'hd95' else 'higher'} is better)"); ax.grid(alpha=0.3)
+        ax.set(title=k, ylabel=f"{k} per image ({'pixels, lower' if k == 'hd95' else 'higher'} is better)")
+        ax.grid(alpha=0.3)
     fig.suptitle(f"per-image metrics of {len(results)} model(s) on {len(results[0].per_image['dice'])} images")
     return save_figure(fig, path, dpi=100)
 
@@ -273,17 +278,22 @@ def worst_cases_figure(images: np.ndarray, # (N,S,S,3) uint8 working-size images
                        k: int = 6, # rows
                       ):
     "A figure of the `k` worst cases of `focus`: per row the image and each model's error map, with ids, scores and a key."
-    import matplotlib; matplotlib.use('Agg', force=False); import matplotlib.pyplot as plt
+    import matplotlib
+    matplotlib.use('Agg', force=False)
+    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
     worst = [int(i) for i in np.argsort(focus.per_image['dice'], kind='stable')[:k]]
     fig, axes = plt.subplots(len(worst), 1 + len(results), figsize=(2.3 * (1 + len(results)), 2.3 * len(worst) + 0.9), squeeze=False)
     for row, i in zip(axes, worst):
-        row[0].imshow(overlay(images[i], {'ground truth': truth[i]}, mode='contour')); row[0].set_ylabel(ids[i], fontsize=9)
+        row[0].imshow(overlay(images[i], {'ground truth': truth[i]}, mode='contour'))
+        row[0].set_ylabel(ids[i], fontsize=9)
         for ax, r in zip(row[1:], results):
             ax.imshow(overlay(images[i], [truth[i], r.masks[i]], mode='error', alpha=0.5))
             ax.set_xlabel(f"Dice {r.per_image['dice'][i]:.3f}", fontsize=9)
     for ax, head in zip(axes[0], ['image, true outline'] + [r.name for r in results]): ax.set_title(head, fontsize=10)
-    for ax in axes.flat: ax.set_xticks([]); ax.set_yticks([])
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
     key = [Patch(color=np.array(ERROR_COLORS[c]) / 255, label=label) for c, label in ERROR_KEY.items()]
     fig.legend(handles=key, loc='lower center', ncol=3, fontsize=9, frameon=False)
     fig.suptitle(f'the {len(worst)} images where {focus.name} scores lowest (Dice)', fontsize=11)
@@ -324,9 +334,11 @@ def write_per_image_csv(path: Path, ids: list[str], results: list[ModelResult]) 
     cols = [(r, k) for r in results for k in r.per_image]
     def write(f):
         t = io.TextIOWrapper(f, encoding='utf-8', newline='')
-        w = csv.writer(t); w.writerow(['id'] + [f'{r.name}/{k}' for r, k in cols])
+        w = csv.writer(t)
+        w.writerow(['id'] + [f'{r.name}/{k}' for r, k in cols])
         for i, id_ in enumerate(ids): w.writerow([id_] + [f'{r.per_image[k][i]:.6g}' for r, k in cols])
-        t.flush(); t.detach()
+        t.flush()
+        t.detach()
     return atomic_write(path, write)
 
 def write_json(path: Path, obj) -> Path:
@@ -418,7 +430,8 @@ def checkpoints_preprocessing(paths: list) -> dict:
             if key in agreed and agreed[key] != v:
                 raise EvaluationError(f'{source[key]} was trained with {key}={agreed[key]!r} but {p} with {v!r}; evaluate them '
                                       f'in separate runs, or pass --set {key}=VALUE to score both the same way')
-            agreed.setdefault(key, v); source.setdefault(key, p)
+            agreed.setdefault(key, v)
+            source.setdefault(key, p)
     return agreed
 
 def asked_keys(config: str | Path | None, overrides: list[str]) -> set[str]:
@@ -505,7 +518,8 @@ def test_student(cfg: Config, student_weights: str | Path | None = None) -> dict
     summary = {**{k: round(float(v), 6) for k, v in r.summary.items()}, 'params': r.params, 'macs': r.macs,
                'cpu_latency_s': round(r.latency_s, 5), 'checkpoint': str(path)}
     save_config(cfg, out / 'test_config.yaml')  # beside the training run's config.yaml, which it must not replace
-    write_json(out / 'metrics.json', metrics_record([r])); write_per_image_csv(out / 'per_image.csv', list(cache.ids), [r])
+    write_json(out / 'metrics.json', metrics_record([r]))
+    write_per_image_csv(out / 'per_image.csv', list(cache.ids), [r])
     return summary
 
 def test_student_command(args: argparse.Namespace) -> dict:

@@ -133,12 +133,15 @@ def experiment_figure(dice: dict[tuple[int, str], float], teacher: float, seeds:
     lo = min(min(dice.values()), teacher) - 0.02
     a.set(xticks=range(len(variants)), ylabel='test Dice (mean over images)', ylim=(lo, min(1.0, max(max(dice.values()), teacher) + 0.01)),
           title=f'test Dice per model ({len(seeds)} seeds: dots)')
-    a.set_xticklabels([NAMES.get(v, v).replace(', ', ',\n') for v in variants], fontsize=8); a.legend(fontsize=8)
+    a.set_xticklabels([NAMES.get(v, v).replace(', ', ',\n') for v in variants], fontsize=8)
+    a.legend(fontsize=8)
     b.hist(100 * per_image_diff, bins=30, color='C1', alpha=0.7)
-    b.axvline(0, color='k', lw=1); b.axvline(100 * verdict.mean, color='C3', label=f'mean {100 * verdict.mean:+.2f}')
+    b.axvline(0, color='k', lw=1)
+    b.axvline(100 * verdict.mean, color='C3', label=f'mean {100 * verdict.mean:+.2f}')
     b.axvspan(100 * verdict.ci[0], 100 * verdict.ci[1], color='C3', alpha=0.2, label='95% CI')
     b.set(xlabel='distilled − raw Dice per test image (points, mean over seeds)', ylabel='images', title=VERDICT_HEADS[verdict.effect])
-    b.legend(fontsize=8); fig.tight_layout()
+    b.legend(fontsize=8)
+    fig.tight_layout()
     return fig
 
 # %% ../nbs/12_experiment.ipynb #1ff27d36

@@ -205,14 +205,16 @@ def export_model(model: nn.Module, fmt: str, # 'onnx', 'onnx-int8' or 'torchscri
     def write(f):
         if fmt == 'onnx': return _write_onnx(model, example, f)
         with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter('ignore'); torch.jit.save(torch.jit.trace(model, example), f)
+            warnings.simplefilter('ignore')
+            torch.jit.save(torch.jit.trace(model, example), f)
     return atomic_write(out, write)
 
 def run_exported(path: str | Path, fmt: str, x: torch.Tensor) -> torch.Tensor:
     "Run an exported model on `x` with its own runtime."
     if fmt == 'torchscript':
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter('ignore'); return torch.jit.load(str(path))(x)
+            warnings.simplefilter('ignore')
+            return torch.jit.load(str(path))(x)
     return OnnxModel(path)(x)
 
 

@@ -48,7 +48,9 @@ __all__ = ['ONEDNN_BF16_ISAS', 'PRECISION_NAMES', 'RUN_TITLES', 'SOFT_LABEL_KEYS
 # %% ../nbs/06_learner.ipynb #83236a14
 def set_seed(seed: int, deterministic: bool = False):
     "Seed every RNG; optionally force deterministic kernels."
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     torch.backends.cudnn.benchmark = not deterministic
     if deterministic: os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
@@ -62,8 +64,10 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict):
     "Restore RNG states saved by `rng_state`."
-    v, internal, gauss = state['python']; random.setstate((v, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, g = state['numpy']; np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, g))
+    v, internal, gauss = state['python']
+    random.setstate((v, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, g = state['numpy']
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, g))
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
 
@@ -204,7 +208,8 @@ def to_device(batch: dict, device: torch.device, channels_last: bool = False) ->
 def validate(model: nn.Module, loader, device: torch.device, threshold: float = 0.5,
              channels_last: bool = False, amp: str = 'none') -> dict:
     "Mean Dice, Jaccard and thresholded Jaccard of `model` over `loader`."
-    model.eval(); acc = MetricAccumulator(threshold=threshold)
+    model.eval()
+    acc = MetricAccumulator(threshold=threshold)
     for batch in loader:
         batch = to_device(batch, device, channels_last)
         with autocast(device, amp): logits = model(batch['image'])
@@ -214,9 +219,13 @@ def validate(model: nn.Module, loader, device: torch.device, threshold: float = 
 # %% ../nbs/06_learner.ipynb #118c0130
 def set_loader_epoch(loader, epoch: int, start_batch: int = 0) -> bool:
     "Tell the loader (a `MixedLoader` tells both of its own) or its sampler the epoch; True if it will start at `start_batch`."
-    if hasattr(loader, 'set_epoch'): loader.set_epoch(epoch, start_batch); return True
+    if hasattr(loader, 'set_epoch'):
+        loader.set_epoch(epoch, start_batch)
+        return True
     for s in (getattr(loader, 'sampler', None), getattr(getattr(loader, 'batch_sampler', None), 'sampler', None)):
-        if isinstance(s, EpochSampler): s.set_epoch(epoch, start_batch * loader.batch_size); return True
+        if isinstance(s, EpochSampler):
+            s.set_epoch(epoch, start_batch * loader.batch_size)
+            return True
         if hasattr(s, 'set_epoch'): s.set_epoch(epoch)
     return start_batch == 0  # else the caller skips the first batches itself
 
@@ -241,13 +250,16 @@ def write_history(history: list[dict], path: Path):
     "Write the per-epoch rows as CSV, atomically."
     text = io.StringIO()
     w = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for row in history for k in row)))
-    w.writeheader(); w.writerows(history)
+    w.writeheader()
+    w.writerows(history)
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     "Render a matplotlib figure to PNG in memory, write it atomically and close the figure."
     import matplotlib.pyplot as plt
-    buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=dpi, bbox_inches='tight'); plt.close(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=dpi, bbox_inches='tight')
+    plt.close(fig)
     return atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 # %% ../nbs/06_learner.ipynb #aa7fc3fe
@@ -284,7 +296,9 @@ def history_figure(history: list[dict], # the per-epoch rows of a run
                    terms: list[DistillTerm] = (), # the KD terms of a distillation run (none: plain segmentation)
                   ):
     "Training loss (KD terms weighted as in the loss) and validation scores per epoch, in one titled figure."
-    import matplotlib; matplotlib.use('Agg', force=False); import matplotlib.pyplot as plt
+    import matplotlib
+    matplotlib.use('Agg', force=False)
+    import matplotlib.pyplot as plt
     ep, fig = [r['epoch'] for r in history], plt.figure(figsize=(10, 3.8))
     a, b = fig.subplots(1, 2)
     a.plot(ep, [r['train_loss'] for r in history], 'k-', lw=2, marker='o', ms=3, label='total' if terms else 'total (= segmentation loss)')
@@ -294,8 +308,11 @@ def history_figure(history: list[dict], # the per-epoch rows of a run
     b.axvline(best['epoch'], color='grey', ls=':', label=f"best Dice {best['val_dice']:.3f} (epoch {best['epoch']})")
     a.set(xlabel='epoch', ylabel='loss (mean over the epoch)', title='training loss' + (', KD terms × their weights' if terms else ''))
     b.set(xlabel='epoch', ylabel='score', title='validation', ylim=(0, 1))
-    for ax in (a, b): ax.legend(fontsize=8); ax.grid(alpha=0.3)
-    fig.suptitle(title); fig.tight_layout()
+    for ax in (a, b):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
     return fig
 
 # %% ../nbs/06_learner.ipynb #56ced769
@@ -401,8 +418,10 @@ class Learner:
 @patch
 def train_epoch(self: Learner) -> dict:
     "One pass over the training loader (the rest of it, in a run resumed mid-epoch); mean losses by name."
-    start, sums = self.resume_at or (0, {}); self.resume_at = None
-    self.model.train(); loader = self.loaders['train']
+    start, sums = self.resume_at or (0, {})
+    self.resume_at = None
+    self.model.train()
+    loader = self.loaders['train']
     if not set_loader_epoch(loader, self.epoch, start): loader = itertools.islice(loader, start, None)
     n, acc = self.batches_per_epoch, self.tc.accumulate
     what, style = f'{self.mode} epoch {self.epoch + 1}/{self.tc.epochs}', progress_style() if is_main() else 'off'
@@ -418,7 +437,9 @@ def train_epoch(self: Learner) -> dict:
             tqdm.write(progress_line(what, i + 1, n, time.time() - began, start))
         if last and i + 1 < n and self.stop_requested(): self.stop_mid_epoch(i + 1, sums)
     means = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in sums.values()]) / n
-    if dist.is_initialized(): dist.all_reduce(means); means /= dist.get_world_size()
+    if dist.is_initialized():
+        dist.all_reduce(means)
+        means /= dist.get_world_size()
     return {f'train_{k}': float(v) for k, v in zip(sums, means)}
 
 @patch
@@ -426,7 +447,9 @@ def stop_requested(self: Learner) -> bool:
     "Whether a SIGINT/SIGTERM arrived during `fit`; under torch.distributed, in any process (all then stop at the same step)."
     signum = self.stop.signum if self.stop is not None else 0
     if dist.is_initialized():
-        t = torch.tensor([signum], device=self.device); dist.all_reduce(t, op=dist.ReduceOp.MAX); signum = int(t)
+        t = torch.tensor([signum], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        signum = int(t)
         if self.stop is not None: self.stop.signum = signum
     return signum != 0
 
@@ -442,7 +465,10 @@ def train_step(self: Learner, batch: dict, last: bool, group: int = 1) -> dict:
         if self.tc.grad_clip:
             self.scaler.unscale_(self.opt)
             nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g['params']], self.tc.grad_clip)
-        self.scaler.step(self.opt); self.scaler.update(); self.opt.zero_grad(set_to_none=True); self.sched.step()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
     return {'loss': loss.detach(), **logs}
 
 # %% ../nbs/06_learner.ipynb #84fda33d
@@ -450,7 +476,9 @@ def average_gradients(module: nn.Module):
     "Average `module`'s gradients across the processes of `torch.distributed`."
     world = dist.get_world_size()
     for p in module.parameters():
-        if p.grad is not None: dist.all_reduce(p.grad); p.grad.div_(world)
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
 
 # %% ../nbs/06_learner.ipynb #1ac5d6f2
 @patch
@@ -528,14 +556,16 @@ def resume(self: Learner):
     path = self.run_dir / 'checkpoints' / 'last.pt'
     if not path.is_file():
         raise SkinkdError(f'cannot resume: no checkpoint at {path}; point --out at the run folder to continue, or drop train.resume')
-    ck = load_checkpoint(path); extra = ck['extra']
+    ck = load_checkpoint(path)
+    extra = ck['extra']
     if not is_resumable(ck):
         raise SkinkdError(f'cannot resume from {path}: it holds weights only (a best.pt); resume needs the last.pt a run writes')
     if extra.get('mode') != self.mode:
         raise SkinkdError(f"cannot resume: {path} is a '{extra.get('mode')}' run, not '{self.mode}'; use another --out")
     self.keep_precision(extra['config']['train']['amp'])
     if changed := resume_conflicts(ck, self.cfg, self.model_cfg): raise resume_refusal(path, changed)
-    unwrap(self.model).load_state_dict(ck['model']); self.opt.load_state_dict(ck['optimizer'])
+    unwrap(self.model).load_state_dict(ck['model'])
+    self.opt.load_state_dict(ck['optimizer'])
     self.sched.load_state_dict(ck['scheduler'])
     if ck['scaler']: self.scaler.load_state_dict(ck['scaler'])  # empty where the run had no loss scaling
     if self.extra is not None: self.extra.load_state_dict(extra['extra_modules'])
@@ -600,7 +630,8 @@ def train_model(cfg: Config, # the resolved config
     from skinkd.data import get_data, labels_csv
     from skinkd.models import build_model
     if cfg.output.tensorboard: summary_writer()  # refused before anything is built when TensorBoard is missing
-    init_distributed(); set_seed(cfg.train.seed, cfg.train.deterministic)
+    init_distributed()
+    set_seed(cfg.train.seed, cfg.train.deterministic)
     last = Path(cfg.output.run_dir) / 'checkpoints' / 'last.pt'
     if mode == 'distill' and cfg.train.resume and last.is_file():  # refused before the data and soft labels are built
         if changed := changed_targets(load_checkpoint(last), cfg): raise resume_refusal(last, changed)

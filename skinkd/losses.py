@@ -246,7 +246,8 @@ class LogitKD(KDTerm):
     limits = dict(temperature=dict(lo=0.0, lo_open=True))
     def __init__(self, temperature: float = 1.0, # softening temperature T
                  **kwargs):
-        super().__init__(**kwargs); self.temperature = temperature
+        super().__init__(**kwargs)
+        self.temperature = temperature
     def forward(self, student: Tensor, teacher: Tensor, target: Tensor | None = None) -> Tensor:
         return logit_kd(student, teacher, self.temperature, self.pixel_weights(target, teacher.shape[-2:]))
     @classmethod
@@ -284,7 +285,8 @@ class PairwiseAffinity(KDTerm):
     limits = dict(pool_size=dict(lo=2))
     def __init__(self, pool_size: int = 16, # side of the pooled grid of positions
                  **kwargs):
-        super().__init__(**kwargs); self.pool_size = pool_size
+        super().__init__(**kwargs)
+        self.pool_size = pool_size
     def forward(self, student: Tensor, teacher: Tensor, target: Tensor | None = None) -> Tensor:
         w = self.pixel_weights(target, teacher.shape[-2:])
         return affinity_loss(student, teacher, self.pool_size, w)
@@ -328,7 +330,8 @@ class DistillationLoss(nn.Module):
         self.terms, self.taps, self.weights = nn.ModuleDict(), {}, {}
         for i, (name, t) in enumerate(zip(term_names(terms), terms)):
             where = f'distill.terms[{i}]'
-            _check_tap(t.tap, student_channels, 'student', where); _check_tap(t.tap, teacher_channels, 'teacher', where)
+            _check_tap(t.tap, student_channels, 'student', where)
+            _check_tap(t.tap, teacher_channels, 'teacher', where)
             self.terms[name] = build_term(t, student_channels[t.tap], teacher_channels[t.tap], where)
             self.taps[name], self.weights[name] = t.tap, t.weight
 

@@ -104,7 +104,9 @@ def summarize(per_image: dict[str, Tensor], # {metric name: (N,)} from `per_imag
     out = {}
     for name, v in per_image.items():
         v = torch.as_tensor(v, dtype=torch.float64)
-        if name in FLAGS: out[f'{name}es'] = int(v.sum().item()); continue  # hd95_miss -> hd95_misses
+        if name in FLAGS:
+            out[f'{name}es'] = int(v.sum().item())
+            continue  # hd95_miss -> hd95_misses
         ok = v[v.isfinite()]
         out[name] = ok.mean().item() if len(ok) else float('nan')
         out[f'{name}_std'] = ok.std(correction=1 if len(ok) > 1 else 0).item() if len(ok) else float('nan')
@@ -126,7 +128,8 @@ def _mean_metrics(state: Tensor) -> dict[str, float]:
 class MetricAccumulator:
     "Streaming per-image ISIC metrics over batches of logits; all-reduced under torch.distributed."
     def __init__(self, threshold: float = 0.5): # probability threshold of the masks
-        self.threshold = threshold; self.reset()
+        self.threshold = threshold
+        self.reset()
 
     def reset(self):
         "Forget all images seen."
@@ -146,7 +149,8 @@ class MetricAccumulator:
         "Mean metrics of all images seen (by all processes when `sync` and torch.distributed is initialised)."
         state = self.state if self.state is not None else torch.zeros(len(METRICS) + 2, dtype=torch.float64)
         if sync and dist.is_available() and dist.is_initialized():
-            state = state.clone(); dist.all_reduce(state)
+            state = state.clone()
+            dist.all_reduce(state)
         return _mean_metrics(state)
 
 # %% ../nbs/05_metrics.ipynb #1790427a

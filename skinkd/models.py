@@ -49,7 +49,9 @@ class Encoder(nn.Module):
     "The encoder protocol: four stages (strides 4, 8, 16, output stride), their channels, and pretrained weights."
     imagenet_weights: ClassVar[dict[str, str]] = {}  # variant name -> torchvision weights enum, e.g. 'ResNet18_Weights.IMAGENET1K_V1'
     head_prefixes: ClassVar[tuple[str, ...]] = ()  # classifier keys of a torchvision state dict, dropped when loading
-    name: str; output_stride: int; channels: tuple[int, int, int, int]
+    name: str
+    output_stride: int
+    channels: tuple[int, int, int, int]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         "The four stages' outputs."
@@ -100,7 +102,8 @@ class ResNetBackbone(Encoder):
 
     def forward(self, x):
         l1 = self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
-        l2 = self.layer2(l1); l3 = self.layer3(l2)
+        l2 = self.layer2(l1)
+        l3 = self.layer3(l2)
         return l1, l2, l3, self.layer4(l3)
 
 # %% ../nbs/03_models.ipynb #3761db0d
@@ -251,7 +254,8 @@ class DeepLabV3Plus(nn.Module):
         self.classifier = nn.Conv2d(256, num_classes, 1)
         self.tap_channels = dict(layer1=c1, layer2=c2, layer3=c3, layer4=c4, aspp=256, decoder=256, logits=num_classes)
         _init_head([self.aspp, self.decoder])
-        nn.init.normal_(self.classifier.weight, std=0.01); nn.init.zeros_(self.classifier.bias)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
 
     def forward(self, x, return_features: bool = False):
         if next(self.backbone.parameters()).is_contiguous(memory_format=torch.channels_last):
@@ -270,7 +274,9 @@ def _init_head(modules):
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
             if m.bias is not None: nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d): nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 def build_model(mcfg: ModelConfig # a `teacher` or `student` config section
                ) -> DeepLabV3Plus:
@@ -301,7 +307,9 @@ class MobileNetV3Encoder(Encoder):
         self.channels = tuple(s[-1].out_channels for s in (self.layer1, self.layer2, self.layer3, self.layer4))
 
     def forward(self, x):
-        l1 = self.layer1(x); l2 = self.layer2(l1); l3 = self.layer3(l2)
+        l1 = self.layer1(x)
+        l2 = self.layer2(l1)
+        l3 = self.layer3(l2)
         return l1, l2, l3, self.layer4(l3)
 
     def adapt_state_dict(self, sd: dict) -> dict:

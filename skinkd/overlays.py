@@ -164,7 +164,8 @@ def save_predictions(path, # the .npz file to write (usually run_dir/'prediction
                      metrics: Mapping[str, Sequence[float]] | None = None, # column -> (N,) per-image values
                     ) -> Path:
     "Write the viewer's predictions file atomically; returns its path."
-    n = len(ids); preds, metrics = dict(preds or {}), dict(metrics or {})
+    n = len(ids)
+    preds, metrics = dict(preds or {}), dict(metrics or {})
     _check_lengths(n, images=images, truth=truth, **{f"prediction '{k}'": v for k, v in preds.items()}, **{f"metric '{k}'": v for k, v in metrics.items()})
     arrays = dict(format=np.array(PREDICTIONS_FORMAT), ids=np.array([str(i) for i in ids], dtype=str), images=np.asarray(images, np.uint8))
     if truth is not None: arrays['truth'] = (np.asarray(truth) > 0).astype(np.uint8)

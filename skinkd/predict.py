@@ -136,8 +136,13 @@ def predict_images(weights: str | Path, # checkpoint
     rows, failed = [], []
     for path, id_ in tqdm(list(zip(files, image_ids(files))), desc='predict', unit='image', disable=progress_style() != 'bar'):
         try: rows.append(predict_one(pred, path, id_, out, threshold, tta, probabilities, overlays))
-        except DataError as e: failed.append((str(path), str(e))); tqdm.write(f'skipped: {e}', file=sys.stderr)
-    text = io.StringIO(); w = csv.DictWriter(text, CSV_FIELDS); w.writeheader(); w.writerows(rows)
+        except DataError as e:
+            failed.append((str(path), str(e)))
+            tqdm.write(f'skipped: {e}', file=sys.stderr)
+    text = io.StringIO()
+    w = csv.DictWriter(text, CSV_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
     atomic_write(out / 'predictions.csv', lambda f: f.write(text.getvalue().encode()))
     return dict(written=len(rows), failed=failed, out=str(out), csv=str(out / 'predictions.csv'))
 

@@ -37,7 +37,9 @@ LESION_COLOURS = dict(light_brown=(176, 128, 88), dark_brown=(96, 60, 40), black
 def _interp_matrix(n: int, cells: int) -> np.ndarray:
     "(n, cells+1) weights that upsample a coarse grid to `n` pixels with a smoothstep."
     x = np.linspace(0, cells, n, endpoint=False, dtype=np.float32)
-    i = x.astype(np.int64); f = x - i; f = f * f * (3 - 2 * f)
+    i = x.astype(np.int64)
+    f = x - i
+    f = f * f * (3 - 2 * f)
     W = np.zeros((n, cells + 1), np.float32)
     W[np.arange(n), i], W[np.arange(n), i + 1] = 1 - f, f
     return W
@@ -128,8 +130,11 @@ def _artefacts(img, rng, lesion_yx):
     for _ in range(int(rng.integers(1, 6)) if rng.random() < 0.5 else 0):
         _blob(img, rng, rng.uniform(0, h), rng.uniform(0, w), rng.uniform(1, 4), 'spot')
     if rng.random() < 0.15:  # ruler: a pale strip with dark ticks along the bottom edge
-        s = max(6, h // 14); img[:, h - s:] = img[:, h - s:] * 0.3 + 160
-        step = max(3, w // 40); img[:, h - s:h - s // 3, ::step] = 30; img[:, h - s:, ::5 * step] = 30
+        s = max(6, h // 14)
+        img[:, h - s:] = img[:, h - s:] * 0.3 + 160
+        step = max(3, w // 40)
+        img[:, h - s:h - s // 3, ::step] = 30
+        img[:, h - s:, ::5 * step] = 30
     if rng.random() < 0.2: _stamp_curves(img, rng, 1, int(rng.integers(3, 7)), (95, 60, 140), 0.85)
 
 # %% ../nbs/00c_synthetic.ipynb #7acec0a4
@@ -247,7 +252,8 @@ def _generate(root: Path, spec: dict, masks: bool, quiet: bool):
 # %% ../nbs/00c_synthetic.ipynb #c8bb1440
 def synth_command(args: argparse.Namespace):
     "What `skinkd_synth --out DIR --n N --size S --seed K` does (its options: `skinkd.cli`)."
-    t0 = time.perf_counter(); make_synthetic(args.out, args.n, args.size, args.seed, quiet=True)
+    t0 = time.perf_counter()
+    make_synthetic(args.out, args.n, args.size, args.seed, quiet=True)
     print(f'wrote {args.n} synthetic images ({args.size} px, seed {args.seed}) to {args.out} in {time.perf_counter() - t0:.1f} s')
 
 synth_cli = synth_main  # the console script: parses in skinkd.cli, then calls synth_command

@@ -89,7 +89,8 @@ def synthetic_example(n: int = 8, # number of images
         cy, cx, ry, rx = rng.uniform(0.35, 0.65, 2).tolist() + rng.uniform(0.12, 0.3, 2).tolist()
         m = _ellipse(size, cy, cx, ry, rx)
         skin = np.array([224.0, 172.0, 150.0]) + rng.normal(0, 8, (size, size, 3))
-        images.append(np.where(m[..., None], skin * 0.45, skin).clip(0, 255).astype(np.uint8)); truth.append(m.astype(np.uint8))
+        images.append(np.where(m[..., None], skin * 0.45, skin).clip(0, 255).astype(np.uint8))
+        truth.append(m.astype(np.uint8))
         for name, err in models.items():
             d, s = rng.uniform(-err, err, 2), 1 + rng.uniform(-3 * err, 3 * err)
             preds[name].append(_ellipse(size, cy + d[0], cx + d[1], ry * s, rx * s).astype(np.uint8))
@@ -139,7 +140,8 @@ class MaskViewer:
         focus = 'distilled' if 'distilled' in self.preds else (list(self.preds) or [''])[-1]
         self.compare = widgets.Dropdown(options=list(self.preds) or [''], value=focus, description='errors of')
         self.image, self.info = widgets.Image(format='png'), widgets.HTML()
-        self._wire(); self._layout()
+        self._wire()
+        self._layout()
 
     def _wire(self):
         "Connect every control to its handler."
@@ -169,7 +171,8 @@ def current(self: MaskViewer) -> int:
 @patch(as_prop=True)
 def _position(self: MaskViewer) -> np.ndarray:
     "Position in the current order of each dataset index."
-    pos = np.empty(len(self.order), int); pos[self.order] = np.arange(len(self.order))
+    pos = np.empty(len(self.order), int)
+    pos[self.order] = np.arange(len(self.order))
     return pos
 
 @patch

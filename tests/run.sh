@@ -14,6 +14,9 @@ snapshot() { find nbs skinkd -type f \( -name '*.py' -o -name '*.ipynb' \) -not 
 step "README.md is rendered from nbs/index.ipynb"
 python .ci/render_readme.py --check
 
+step "line discipline: no statement chains with ; in skinkd/"
+python .ci/lines.py
+
 step "notebooks and library in sync (nbdev_export changes nothing)"
 before=$(snapshot)
 nbdev_export
