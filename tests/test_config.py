@@ -105,12 +105,18 @@ def test_empty_or_non_mapping_file(tmp_path, text, message):
 
 
 def test_shipped_configs_are_valid_and_documented():
-    for name in ('config.yaml', 'demo.yaml'):
-        data = yaml.safe_load((REPO / 'configs' / name).read_text())
-        cfg = load_config(REPO / 'configs' / name)
+    shipped = sorted((REPO / 'configs').glob('*.yaml'))
+    assert {'config.yaml', 'demo.yaml', 'demo_pool.yaml'} <= {p.name for p in shipped}
+    for path in shipped:
+        data = yaml.safe_load(path.read_text())
+        cfg = load_config(path)
         assert asdict(cfg)['data']['root'] == data['data']['root']
-    demo = load_config(REPO / 'configs' / 'demo.yaml')
-    assert demo.teacher.pretrained is None and demo.student.pretrained is None and demo.data.synthetic_n > 0
+    for name in ('demo.yaml', 'demo_pool.yaml'):  # offline: generated data, no pretrained weights
+        demo = load_config(REPO / 'configs' / name)
+        assert demo.teacher.pretrained is None and demo.student.pretrained is None and demo.data.synthetic_n > 0
+    pool = load_config(REPO / 'configs' / 'demo_pool.yaml').distill  # the HAM10000 recipe's path, on synthetic data
+    assert pool.unlabeled and pool.unlabeled_synthetic_n > 0 and pool.soft_labels == 'cached'
+    assert [t.kind for t in pool.terms] == ['logit']
     keys = [k for k, _, _ in describe()]
     assert 'distill.terms' in keys and 'train.grad_clip' in keys and len(keys) == len(set(keys))
 
