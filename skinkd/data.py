@@ -49,10 +49,10 @@ __all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'ISIC_PARTS', 'SPLITS', 'EXIF_ORIENTAT
            'default_workers', 'check_data', 'check_data_command', 'usable_samples', 'image_samples', 'check_images',
            'mirror_pad_to_square', 'prepare_image', 'prepare_pair', 'restore_original', 'file_checksum',
            'full_checksum', 'write_manifest', 'verify_cache', 'cache_key', 'SegCache', 'build_folder', 'build_cache',
-           'cache_kind', 'rebuild_image_cache', 'repair_cache', 'cache_folders', 'verify_caches', 'normalize',
-           'denormalize', 'build_transforms', 'SoftMap', 'preprocessing', 'SegDataset', 'item_seed', 'EpochSampler',
-           'seed_worker', 'build_loader', 'MixedLoader', 'mixed_loader', 'DataBundle', 'prepare_root', 'prepare_pool',
-           'split_data', 'get_data', 'labels_csv']
+           'cache_kind', 'recorded_samples', 'rebuild_image_cache', 'repair_cache', 'cache_folders', 'verify_caches',
+           'normalize', 'denormalize', 'build_transforms', 'SoftMap', 'preprocessing', 'SegDataset', 'item_seed',
+           'EpochSampler', 'seed_worker', 'build_loader', 'MixedLoader', 'mixed_loader', 'DataBundle', 'prepare_root',
+           'prepare_pool', 'split_data', 'get_data', 'labels_csv']
 
 # %% ../nbs/01_data.ipynb #52f57b6a
 class Sample(NamedTuple):
@@ -327,31 +327,32 @@ def _is_utf8(name: str) -> bool:
         return True
     except UnicodeEncodeError: return False
 
+def _decode_checked(path: Path, what: str, convert) -> tuple[np.ndarray, list[str]]:
+    "Decode `path` (an image or a mask, `convert` its converter): the array and what was converted, as notes."
+    im = _open(path, what)
+    a, note = convert(im)
+    return a, [f'{path}: {n}' for n in (im.info.get('upright'), note) if n]
+
 def _check_sample(s: Sample, needs_mask: bool = True) -> dict:
     "Check one pair (or, without `needs_mask`, one image): problems (unusable), notes (converted), image hash and size."
     out = dict(problems=[], notes=[], digest=hashlib.sha1(s.image.read_bytes()).hexdigest(), hw=None)
     if (odd := [p for p in (s.image, s.mask) if p is not None and not _is_utf8(p.name)]):
         out['problems'].append(f'file name {ascii(str(odd[0]))} is not valid UTF-8; rename the file (ids are written into CSV and JSON reports)')
         return out
-    try:
-        im = _open(s.image, 'image')
-        img, note = _to_rgb(im)
+    try: img, notes = _decode_checked(s.image, 'image', _to_rgb)
     except DataError as e:
         out['problems'].append(str(e))
         return out
-    out['hw'] = list(img.shape[:2])
-    out['notes'] += [f'{s.image}: {n}' for n in (im.info.get('upright'), note) if n]
+    out['hw'], out['notes'] = list(img.shape[:2]), out['notes'] + notes
     if s.mask is None and not needs_mask: return out
     if s.mask is None:
         out['problems'].append(f'image {s.image} has no mask; add its mask or remove the image')
         return out
-    try:
-        mim = _open(s.mask, 'mask')
-        m, mnote = _mask_array(mim)
+    try: m, notes = _decode_checked(s.mask, 'mask', _mask_array)
     except DataError as e:
         out['problems'].append(str(e))
         return out
-    out['notes'] += [f'{s.mask}: {n}' for n in (mim.info.get('upright'), mnote) if n]
+    out['notes'] += notes
     if m.shape != img.shape[:2]:
         out['problems'].append(f'image {s.image} is {img.shape[1]}x{img.shape[0]} but mask {s.mask} is {m.shape[1]}x{m.shape[0]}; save the mask at the image size')
     vals = np.unique(m)
@@ -742,11 +743,15 @@ def cache_kind(folder: Path) -> str:
     try: return json.loads((folder / 'meta.json').read_text())['kind']
     except (OSError, ValueError, KeyError, TypeError): return 'soft labels' if folder.name.startswith('soft-') else 'images'
 
+def recorded_samples(folder: Path) -> list[Sample]:
+    "The source files an image cache's meta.json records, as samples (what a repair rebuilds it from)."
+    files = json.loads((folder / 'meta.json').read_text())['files']
+    return [Sample(i, Path(img), Path(m) if m else None, None) for i, img, m in files]
+
 @CACHE_KINDS.register('images')
 def rebuild_image_cache(folder: Path) -> str:
     "Rebuild the image cache `folder` from the source files its meta.json records; what was done, in words."
-    meta = json.loads((folder / 'meta.json').read_text())
-    samples = [Sample(i, Path(img), Path(m) if m else None, None) for i, img, m in meta['files']]
+    meta, samples = json.loads((folder / 'meta.json').read_text()), recorded_samples(folder)
     if gone := [s.image for s in samples if not s.image.is_file()]:
         shutil.rmtree(folder)
         return f'removed: its image {gone[0]} is gone'
@@ -786,19 +791,20 @@ def verify_caches(root: str | Path, # a data.cache_dir, or one cache folder
     "Read every byte of every cache in `root` against its manifest: one line each, a summary, and the damaged count."
     root = Path(root)
     if not root.is_dir(): raise DataError(f'cache folder {root} not found; pass a data.cache_dir (or one cache in it)')
-    lines, damaged, total, t0 = _verify_memo(root, repair), 0, 0, time.perf_counter()
-    damaged = sum(line.startswith('damaged') for line in lines)
-    for folder in cache_folders(root):
-        total += _folder_bytes(folder)
-        if (damage := verify_cache(folder, full=True)) is None:
-            lines.append(f'ok       {folder.name} ({cache_kind(folder)}, {_folder_bytes(folder) / 1e6:.1f} MB)')
+    folders, lines = cache_folders(root), _verify_memo(root, repair)
+    damaged, total, secs = sum(line.startswith('damaged') for line in lines), 0, 0.0
+    for folder in folders:
+        size, t0 = _folder_bytes(folder), time.perf_counter()
+        damage = verify_cache(folder, full=True)
+        total, secs = total + size, secs + time.perf_counter() - t0  # the reading only: a repair is not timed
+        if damage is None:
+            lines.append(f'ok       {folder.name} ({cache_kind(folder)}, {size / 1e6:.1f} MB)')
             continue
         damaged += 1
         lines.append(f'damaged  {folder} ({cache_kind(folder)}): {damage}' + (f'; {repair_cache(folder)}' if repair else ''))
-    secs = time.perf_counter() - t0
     rate = f'{total / 1e6 / secs:.0f} MB/s' if secs > 0 else '-'
-    fix = ' (fixed: --repair)' if repair else (' (rebuild them: --repair)' if damaged else '')
-    n = len(cache_folders(root))
+    fix = (' (fixed: --repair)' if repair else ' (rebuild them: --repair)') if damaged else ''
+    n = len(folders)
     lines.append(f"verified {n} cache folder{'s' if n != 1 else ''}, {total / 1e6:.1f} MB in {secs:.2f} s ({rate}): "
                  f'{damaged} damaged{fix}')
     return lines, (0 if repair else damaged)

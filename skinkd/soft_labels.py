@@ -19,7 +19,8 @@ from torch import nn
 
 from .config import Config, ModelConfig, load_config
 from .core import CACHE_KINDS, SkinkdError
-from .data import SOFT_BACKGROUND, Sample, SegCache, build_cache, build_folder, write_manifest
+from .data import (SOFT_BACKGROUND, Sample, SegCache, build_cache, build_folder, recorded_samples,
+                         write_manifest)
 from .export import predict, prepare_for_inference, trained_preprocessing
 from .learner import autocast, default_device
 from .models import load_model
@@ -173,8 +174,7 @@ def rebuild_soft_labels(folder: Path) -> str:
     images = SegCache(folder.parent / meta['image_cache'])
     shutil.rmtree(folder)
     if changed: return f'removed: its teacher {changed[0]} changed or is gone; the next distillation builds new ones'
-    files = json.loads((images.path / 'meta.json').read_text())
-    samples = [Sample(i, Path(img), Path(m) if m else None, None) for i, img, m in files['files']]
+    files, samples = json.loads((images.path / 'meta.json').read_text()), recorded_samples(images.path)
     sets = {'data.cache_dir': str(folder.parent), 'data.mask_resize': files['mask_resize'], 'train.amp': meta['amp'],
             'distill.cache_tta': meta['tta'], 'distill.cache_scales': meta['scales'], 'student.num_classes': meta['classes']}
     build_soft_labels(meta['teachers'], samples, images, load_config(params=sets))
