@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from skinkd.config import scratch_dir
-from skinkd.data import build_cache, discover, load_pair, make_synthetic, prepare_pair
-from skinkd.synthetic import _draw_synth
+from skinkd.core import scratch_dir
+from skinkd.synthetic import make_synthetic, _draw_synth
+from skinkd.data import discover, load_pair
+from skinkd.cache import build_cache, prepare_pair
 
 
 def timed(fn, repeat=3):

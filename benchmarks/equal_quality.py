@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from front import per_image_dice  # benchmarks/front.py
-from skinkd.evaluate import bootstrap_ci
+from skinkd.compare import bootstrap_ci
 
 MODELS = {'teacher': 'teacher', 'raw': 'raw student', 'distill': 'distilled student'}
 BAR = 0.3  # Dice points

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from skinkd.evaluate import bootstrap_ci
 from skinkd.export import cpu_description
+from skinkd.compare import bootstrap_ci
 
 
 def per_image_dice(run: Path, variant: str) -> tuple[list[str], np.ndarray]:

@@ -45,8 +45,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from skinkd.export import cpu_description, prepare_for_inference  # noqa: E402
-from skinkd.models import DeepLabV3Plus, aspp_rates, count_macs, count_params, prepare_for_training  # noqa: E402
+from skinkd.models import DeepLabV3Plus, aspp_rates, count_macs, count_params
+from skinkd.checkpoints import prepare_for_training
+from skinkd.infer import prepare_for_inference
+from skinkd.export import cpu_description
 
 SMP_ENCODER = {'resnet18': 'resnet18', 'resnet101': 'resnet101', 'mobilenet_v3_large': 'tu-mobilenetv3_large_100'}
 STUDENTS = [('resnet18', False), ('resnet18', True), ('mobilenet_v3_large', False), ('mobilenet_v3_large', True)]

@@ -20,13 +20,15 @@ import numpy as np
 import torch
 
 from skinkd.config import load_config, resolve_paths
-from skinkd.data import get_data
-from skinkd.distill import DistillTask, freeze
+from skinkd.loaders import get_data
+from skinkd.checkpoints import load_model
+from skinkd.device import autocast
+from skinkd.infer import probs_to_mask
 from skinkd.export import cpu_description
-from skinkd.learner import autocast, validate
 from skinkd.losses import DistillationLoss
-from skinkd.metrics import probs_to_mask
-from skinkd.models import load_model
+from skinkd.learner import validate
+from skinkd.soft_labels import freeze
+from skinkd.distill import DistillTask
 
 CPU = torch.device('cpu')
 

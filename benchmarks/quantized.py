@@ -23,11 +23,13 @@ import numpy as np
 import torch
 
 from skinkd.config import load_config, resolve_paths
-from skinkd.data import get_data
-from skinkd.evaluate import _to_input, binary_masks, bootstrap_ci, predict, score_model, trained_preprocessing
-from skinkd.export import (OnnxModel, spread_pick, compile_for_inference, cpu_description, export_model, int8_instructions, masks_dice,
-                           prepare_for_inference)
-from skinkd.models import load_model
+from skinkd.loaders import get_data
+from skinkd.checkpoints import load_model
+from skinkd.infer import (_to_input, predict, trained_preprocessing, compile_for_inference,
+                          prepare_for_inference)
+from skinkd.export import OnnxModel, spread_pick, cpu_description, export_model, int8_instructions, masks_dice
+from skinkd.compare import bootstrap_ci
+from skinkd.evaluate import binary_masks, score_model
 
 from models import alternate_blocks, fmt_spread, infer_step, spread
 

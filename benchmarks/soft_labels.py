@@ -17,12 +17,13 @@ import time
 from dataclasses import replace
 
 from skinkd.config import load_config, resolve_paths
-from skinkd.data import build_transforms, get_data
-from skinkd.distill import cached_against_live, cached_live_figure, soft_label_agreement
+from skinkd.loaders import build_transforms, get_data
+from skinkd.checkpoints import load_model
+from skinkd.device import default_device, with_precision
 from skinkd.export import cpu_description
-from skinkd.learner import default_device, save_figure, with_precision
-from skinkd.models import load_model
+from skinkd.runs import save_figure
 from skinkd.soft_labels import build_soft_labels, freeze
+from skinkd.distill import cached_against_live, cached_live_figure, soft_label_agreement
 
 
 def main():

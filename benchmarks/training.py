@@ -30,12 +30,14 @@ if __name__ == '__main__': cap_isa(sys.argv)
 
 import torch  # noqa: E402
 
-from skinkd.config import Config  # noqa: E402
-from skinkd.distill import DistillTask, freeze  # noqa: E402
-from skinkd.export import cpu_description  # noqa: E402
-from skinkd.learner import PRECISION_NAMES, SegTask, autocast, resolve_precision  # noqa: E402
-from skinkd.losses import DistillationLoss, SegLoss  # noqa: E402
-from skinkd.models import DeepLabV3Plus  # noqa: E402
+from skinkd.schema import Config
+from skinkd.models import DeepLabV3Plus
+from skinkd.device import PRECISION_NAMES, autocast, resolve_precision
+from skinkd.export import cpu_description
+from skinkd.losses import DistillationLoss, SegLoss
+from skinkd.learner import SegTask
+from skinkd.soft_labels import freeze
+from skinkd.distill import DistillTask
 from models import alternate  # noqa: E402  (benchmarks/models.py)
 
 CPU = torch.device('cpu')

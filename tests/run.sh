@@ -14,7 +14,7 @@ snapshot() { find nbs skinkd -type f \( -name '*.py' -o -name '*.ipynb' \) -not 
 step "README.md is rendered from nbs/index.ipynb"
 python .ci/render_readme.py --check
 
-step "line discipline: no statement chains with ; in skinkd/"
+step "line discipline: no statement chained with ; and no line over 120 characters in skinkd/"
 python .ci/lines.py
 
 step "notebooks and library in sync (nbdev_export changes nothing)"

@@ -95,3 +95,14 @@ def test_chapters_papermill_may_run_do_not_rewrite_the_library():
         cells = json.loads(nb.read_text())['cells']
         if any('parameters' in c.get('metadata', {}).get('tags', []) for c in cells):
             assert not any('nbdev_export(' in ''.join(c['source']) for c in cells if c['cell_type'] == 'code'), nb.name
+
+
+def test_every_command_runs_a_function_that_exists():
+    "A command's target (and each --mode route) names a function of a chapter: a moved function is caught here."
+    import importlib
+    from skinkd.core import COMMANDS
+    for prog in COMMANDS:
+        c = COMMANDS.get(prog)
+        for target in (c.target, *(t for _, t in c.routes)):
+            module, function = target.split(':')
+            assert callable(getattr(importlib.import_module(module), function, None)), f'{prog}: {target}'

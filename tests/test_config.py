@@ -9,8 +9,9 @@ from dataclasses import asdict
 import pytest
 import yaml
 
-from skinkd.config import (Config, ConfigError, describe, scratch_dir, load_config, parse_override, resolve_paths,
-                           save_config)
+from skinkd.core import scratch_dir
+from skinkd.schema import Config, ConfigError
+from skinkd.config import describe, load_config, parse_override, resolve_paths, save_config
 
 from conftest import REPO
 

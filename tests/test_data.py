@@ -12,10 +12,15 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from skinkd.config import AugmentConfig, load_config
-from skinkd.data import (DataError, EpochSampler, Sample, SegDataset, build_cache, build_loader, build_transforms, check_data,
-                         denormalize, detect_layout, discover, get_data, make_synthetic, mirror_pad_to_square,
-                         load_pair, restore_original, split_samples, usable_samples)
+from skinkd.schema import AugmentConfig
+from skinkd.config import load_config
+from skinkd.core import DataError
+from skinkd.synthetic import make_synthetic
+from skinkd.data import Sample, detect_layout, discover, load_pair, split_samples
+from skinkd.checks import check_data, usable_samples
+from skinkd.cache import build_cache, mirror_pad_to_square, restore_original
+from skinkd.cache import denormalize
+from skinkd.loaders import EpochSampler, SegDataset, build_loader, build_transforms, get_data
 from skinkd.synthetic import synth_image
 
 
@@ -468,7 +473,7 @@ def test_two_images_with_the_same_stem_are_named(tmp_path):
 
 def test_a_synthetic_folder_made_with_other_settings_is_regenerated(tmp_path):
     "A demo whose config asks for 12 synthetic images must not silently train on the 10 an older config generated."
-    from skinkd.data import prepare_root
+    from skinkd.loaders import prepare_root
     cfg = lambda n: load_config(overrides=[f'data.root={tmp_path / "syn"}', f'data.synthetic_n={n}', 'data.image_size=32'])
     prepare_root(cfg(10)); assert len(discover(tmp_path / 'syn')) == 10
     prepare_root(cfg(12)); assert len(discover(tmp_path / 'syn')) == 12

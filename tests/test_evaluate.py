@@ -8,12 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from skinkd.config import ModelConfig
-from skinkd.data import IMAGENET_MEAN, IMAGENET_STD, build_cache, discover, make_synthetic
-from skinkd.evaluate import (EvaluationError, evaluate_checkpoint, evaluate_checkpoints, main, paired_comparison, predict,
-                             score_model, wilcoxon_p)
-from skinkd.models import DeepLabV3Plus, save_checkpoint
-from skinkd.viewer import MaskViewer, load_predictions
+from skinkd.schema import ModelConfig
+from skinkd.synthetic import make_synthetic
+from skinkd.data import discover
+from skinkd.cache import build_cache
+from skinkd.cache import IMAGENET_MEAN, IMAGENET_STD
+from skinkd.infer import predict
+from skinkd.cli import evaluate_main
+from skinkd.compare import paired_comparison, wilcoxon_p
+from skinkd.evaluate import EvaluationError, evaluate_checkpoint, evaluate_checkpoints, score_model
+from skinkd.models import DeepLabV3Plus
+from skinkd.checkpoints import save_checkpoint
+from skinkd.overlays import load_predictions
+from skinkd.viewer import MaskViewer
 
 from conftest import with_trained_like_batchnorm
 
@@ -133,14 +140,14 @@ def test_no_checkpoints_is_a_user_error(setup):
 def test_cli(setup, capsys):
     tmp = setup['tmp']
     out = tmp / 'cli'
-    main(['--weights', *map(str, setup['ckpts'][1:]), '--data', str(setup['root']), '--out', str(out), '--latency-runs', '1',
+    evaluate_main(['--weights', *map(str, setup['ckpts'][1:]), '--data', str(setup['root']), '--out', str(out), '--latency-runs', '1',
           '--set', f'data.cache_dir={tmp}/cli_cache', '--set', f'data.image_size={SIZE}', '--set', 'eval.tta=true'])
     assert '| distilled | resnet18 |' in capsys.readouterr().out
     assert 'flip TTA on' in (out / 'report.md').read_text() and (out / 'config.yaml').is_file()
 
 
 def test_cli_errors_are_one_line(setup):
-    r = subprocess.run([sys.executable, '-c', 'from skinkd.evaluate import main; main()', '--weights', 'missing.pt'],
+    r = subprocess.run([sys.executable, '-c', 'from skinkd.cli import evaluate_main; evaluate_main()', '--weights', 'missing.pt'],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and 'checkpoint missing.pt not found' in r.stderr and 'Traceback' not in r.stderr
 
@@ -152,7 +159,7 @@ def test_cli_errors_are_one_line(setup):
     (0.0, 0.84, 'no effect', 'the teacher is not better than the raw student on validation (Dice 0.840 vs 0.860)'),
 ])
 def test_verdict_on_constructed_per_image_differences(shift, teacher_val, effect, first):
-    from skinkd.evaluate import dice_verdict
+    from skinkd.compare import dice_verdict
     rng = np.random.default_rng(3)
     raw = rng.uniform(0.6, 0.9, (3, 60))
     distilled = raw + shift + rng.normal(0, 0.01, (3, 60))
@@ -164,7 +171,7 @@ def test_verdict_on_constructed_per_image_differences(shift, teacher_val, effect
 
 def test_verdict_bootstrap_keeps_the_seeds_of_an_image_together():
     "Three identical seeds carry the information of one: the interval must not shrink as if they were independent."
-    from skinkd.evaluate import dice_verdict
+    from skinkd.compare import dice_verdict
     d = np.random.default_rng(4).normal(0.005, 0.03, 80)
     one, three = dice_verdict(d), dice_verdict(np.stack([d, d, d]))
     assert three.ci == pytest.approx(one.ci) and three.n_seeds == 3 and three.n_images == 80

@@ -4,10 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from skinkd.config import ModelConfig, SkinkdError, load_config, resolve_paths
-from skinkd.learner import Learner, SegTask
+from skinkd.core import SkinkdError
+from skinkd.schema import ModelConfig
+from skinkd.config import load_config, resolve_paths
+from skinkd.checkpoints import load_checkpoint
 from skinkd.losses import SegLoss
-from skinkd.models import load_checkpoint
+from skinkd.learner import RunRecord, Learner, SegTask
 
 
 def batches(n, seed=0):
@@ -31,7 +33,7 @@ def learner(tmp_path, n_train=5, sets=(), model=None):
                                                'train.amp=none',  # exact fp32 references; the precision tests set auto
                                                f'output.run_dir={tmp_path / "run"}', *sets]))
     loaders = {'train': batches(n_train), 'val': batches(2, seed=1)}
-    return Learner(model or tiny_net(), SegTask(SegLoss('bce')), loaders, cfg, ModelConfig(), 'student', 'raw')
+    return Learner(model or tiny_net(), SegTask(SegLoss('bce')), loaders, RunRecord(cfg, ModelConfig(), 'student', 'raw'))
 
 
 def record_gradients_at_each_step(lrn) -> list:
@@ -109,7 +111,7 @@ def test_no_batches_per_process_is_an_error(tmp_path):
     lrn = learner(tmp_path, sets=cfg_sets)
     lrn.loaders['train'] = []
     with pytest.raises(SkinkdError, match='fewer images per process than train.batch_size'):
-        Learner(tiny_net(), lrn.task, lrn.loaders, lrn.cfg, ModelConfig(), 'student', 'raw')
+        Learner(tiny_net(), lrn.task, lrn.loaders, RunRecord(lrn.cfg, ModelConfig(), 'student', 'raw'))
 
 
 def test_bf16_autocast_on_cpu_trains(tmp_path):

@@ -6,10 +6,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from skinkd.config import Config, ConfigError, DistillTerm, TrainConfig
-from skinkd.losses import (AttentionTransfer, ChannelWiseKD, DistillationLoss, FeatureHint, LogitKD, PairwiseAffinity,
-                           SegLoss, affinity_loss, attention_loss, bce_loss, boundary_band, boundary_weights, cwd_loss,
-                           hint_loss, logit_kd, seg_loss_from_config, soft_dice_loss)
+from skinkd.schema import Config, ConfigError, DistillTerm, TrainConfig
+from skinkd.losses import (AttentionTransfer, ChannelWiseKD, DistillationLoss, FeatureHint, LogitKD,
+                           PairwiseAffinity, SegLoss, affinity_loss, attention_loss, bce_loss, boundary_band,
+                           boundary_weights, cwd_loss, hint_loss, logit_kd, seg_loss_from_config,
+                           soft_dice_loss)
 
 R18 = dict(layer1=64, layer2=128, layer3=256, layer4=512, aspp=256, decoder=256, logits=1)
 R101 = dict(layer1=256, layer2=512, layer3=1024, layer4=2048, aspp=256, decoder=256, logits=1)

@@ -12,11 +12,14 @@ import torch
 import torchvision
 from torch import nn
 
-from skinkd.config import ModelConfig, SkinkdError
-from skinkd.export import (example_input, export_checkpoint, export_model, fold_batchnorm, int8_instructions, mask_agreement,
-                           prepare_for_inference, run_exported)
-from skinkd.models import (AtrousConv2d, CheckpointError, DeepLabV3Plus, PretrainedError, ResNetBackbone, build_model, count_macs,
-                           count_params, load_checkpoint, load_model, load_weights, save_checkpoint, IMAGENET_WEIGHTS)
+from skinkd.core import SkinkdError
+from skinkd.schema import ModelConfig
+from skinkd.infer import fold_batchnorm, prepare_for_inference
+from skinkd.export import (example_input, export_checkpoint, export_model, int8_instructions, mask_agreement,
+                           run_exported)
+from skinkd.models import (AtrousConv2d, DeepLabV3Plus, PretrainedError, ResNetBackbone, build_model,
+                           count_macs, count_params, IMAGENET_WEIGHTS)
+from skinkd.checkpoints import CheckpointError, load_checkpoint, load_model, load_weights, save_checkpoint
 
 from conftest import with_trained_like_batchnorm
 
@@ -312,7 +315,7 @@ def test_export_parity(fmt, trained_like, tmp_path):
 
 def _cli(*args):
     exe = Path(sys.executable).parent / 'skinkd_export'
-    cmd = [str(exe)] if exe.exists() else [sys.executable, '-c', 'from skinkd.export import export_cli; export_cli()']
+    cmd = [str(exe)] if exe.exists() else [sys.executable, '-c', 'from skinkd.cli import export_main; export_main()']
     return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=120)
 
 
@@ -378,7 +381,9 @@ def test_atrous_rates_beyond_the_map_skip_only_padding(separable):
 @pytest.fixture(scope='module')
 def briefly_trained(tmp_path_factory):
     "A separable ResNet-18 student trained for 40 steps on the first 16 of 24 synthetic images at 64 px (its masks are real, if rough)."
-    from skinkd.data import load_pair, normalize, prepare_pair, scan
+    from skinkd.data import load_pair, scan
+    from skinkd.cache import prepare_pair
+    from skinkd.cache import normalize
     from skinkd.synthetic import make_synthetic
     root = tmp_path_factory.mktemp('int8')
     make_synthetic(root / 'synth', 24, 64, seed=3)
@@ -420,8 +425,8 @@ def test_int8_export_masks_agree_with_fp32(briefly_trained, tmp_path):
 
 def test_int8_export_calibrates_on_the_training_split_it_records(tmp_path):
     "Without --calib, the images of the split the checkpoint was trained on, from the config it records; never the test split."
-    from skinkd.config import Config
-    from skinkd.data import split_data
+    from skinkd.schema import Config
+    from skinkd.loaders import split_data
     from skinkd.export import int8_inputs, training_images
     from skinkd.synthetic import make_synthetic
     from dataclasses import asdict, replace

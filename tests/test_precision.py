@@ -8,9 +8,10 @@ import torch
 import yaml
 from torch import nn
 
-from skinkd.config import SkinkdError, load_config, save_config
-from skinkd.learner import native_bf16, resolve_precision
-from skinkd.models import load_checkpoint
+from skinkd.core import SkinkdError
+from skinkd.config import load_config, save_config
+from skinkd.device import native_bf16, resolve_precision
+from skinkd.checkpoints import load_checkpoint
 
 from test_learner import learner
 
@@ -116,9 +117,10 @@ def test_resume_keeps_the_precision_the_run_started_in(tmp_path, capsys):
 
 def test_distillation_runs_the_networks_in_bf16_and_every_term_in_fp32():
     "Teacher taps come back in fp32; the segmentation loss and the KD terms see fp32 inputs with autocast off."
-    from skinkd.config import Config, DistillTerm
-    from skinkd.distill import DistillTask, freeze
-    from skinkd.learner import autocast
+    from skinkd.schema import Config, DistillTerm
+    from skinkd.soft_labels import freeze
+    from skinkd.distill import DistillTask
+    from skinkd.device import autocast
     from skinkd.losses import DistillationLoss, SegLoss
     from skinkd.models import DeepLabV3Plus
     torch.manual_seed(0)

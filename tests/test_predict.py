@@ -11,13 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from skinkd.config import ModelConfig
-from skinkd.data import build_cache, discover, load_image, restore_original
-from skinkd.evaluate import predict
-from skinkd.export import prepare_for_inference
-from skinkd.models import DeepLabV3Plus, load_model, save_checkpoint
-from skinkd.predict import lesion_probability, load_predictor
+from skinkd.schema import ModelConfig
 from skinkd.synthetic import make_synthetic, synth_image
+from skinkd.data import discover, load_image
+from skinkd.cache import build_cache, restore_original
+from skinkd.models import DeepLabV3Plus
+from skinkd.checkpoints import load_model, save_checkpoint
+from skinkd.infer import predict, prepare_for_inference
+from skinkd.predict import lesion_probability, load_predictor
 
 from conftest import with_trained_like_batchnorm
 
@@ -97,3 +98,13 @@ def test_predict_reads_every_image_folder_of_the_isic_layouts(student, tmp_path,
     assert len(rows) == expected and all(int(r['width']) > 0 for r in rows)
     first = discover(root)[0]
     assert np.asarray(Image.open(tmp_path / 'out' / f'{first.id}_segmentation.png')).shape == np.asarray(Image.open(first.image)).shape[:2]
+
+
+def test_a_dataset_folder_gives_its_training_split_to_calibration(tmp_path):
+    "INT8 calibration (`--calib DATASET`) reads the training images of a dataset with official splits, never its test images."
+    from skinkd.infer import image_files
+    root = make_synthetic(tmp_path / 'isic', n=10, size=32, seed=0)
+    split = {s.image.resolve(): s.split for s in discover(root)}
+    training = image_files([root], train_only=True)
+    assert {split[f] for f in training} == {'train'} and len(training) == list(split.values()).count('train')
+    assert len(image_files([root])) == 10  # prediction takes them all

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from skinkd.data import build_cache, discover, verify_caches
+from skinkd.data import discover
+from skinkd.cache import build_cache, verify_caches
 
 from conftest import tiny_sets as sets
 

@@ -11,10 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from skinkd.config import AugmentConfig, ModelConfig, load_config
-from skinkd.data import SegDataset, build_cache, build_loader, build_transforms, discover, make_synthetic
-from skinkd.export import predict
-from skinkd.models import build_model, load_model, save_checkpoint
+from skinkd.schema import AugmentConfig, ModelConfig
+from skinkd.config import load_config
+from skinkd.synthetic import make_synthetic
+from skinkd.data import discover
+from skinkd.cache import build_cache
+from skinkd.loaders import SegDataset, build_loader, build_transforms
+from skinkd.models import build_model
+from skinkd.checkpoints import load_model, save_checkpoint
+from skinkd.infer import predict
 from skinkd.soft_labels import SoftLabels, build_soft_labels, freeze, probs_to_logits
 
 from test_training import _kill_in_epoch_2_and_resume, data_args, last_json, run, teacher  # noqa: F401 (fixtures)

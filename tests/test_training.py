@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from skinkd.config import SMOKE_OVERRIDES, load_config, resolve_paths
-from skinkd.models import load_checkpoint
+from skinkd.checkpoints import load_checkpoint
 
 from conftest import REPO
 
@@ -132,8 +132,9 @@ def test_teacher_stays_frozen_during_distillation(data_args, teacher, tmp_path):
 def test_bad_cli_input_fails_before_training_with_one_line(data_args, tmp_path, teacher, args, message):
     student = tmp_path / 'student.pt'
     if 'STUDENT' in args:
-        from skinkd.models import DeepLabV3Plus, save_checkpoint
-        from skinkd.config import ModelConfig
+        from skinkd.models import DeepLabV3Plus
+        from skinkd.checkpoints import save_checkpoint
+        from skinkd.schema import ModelConfig
         save_checkpoint(student, DeepLabV3Plus('resnet18'), ModelConfig(), 'student')
     args = [str(student) if a == 'STUDENT' else str(tmp_path / 'missing.pt') if a == 'MISSING' else a for a in args]
     p = run(['skinkd_distill', *args, *data_args, '--out', str(tmp_path / 'run')], check=False)
@@ -232,7 +233,7 @@ def test_smoke_pipeline_through_papermill(tmp_path):
     summary = json.loads((out / 'summary.json').read_text())
     assert {'teacher_val_dice', 'raw_val_dice', 'distill_val_dice', 'wall_seconds'} <= set(summary)
     names = sorted(x.name for x in (out / 'notebooks').iterdir())
-    assert names == ['02_explore.ipynb', '07_train_teacher.ipynb', '08_distill-distill.ipynb', '08_distill-raw.ipynb', '09_evaluate.ipynb']
+    assert names == ['02_explore.ipynb', '07_train_teacher.ipynb', '08_distill-distill.ipynb', '08_distill-raw.ipynb', '09a_evaluate.ipynb']
     assert load_config(out / 'distill' / 'config.yaml').train.epochs == 2
     assert (out / 'report' / 'report.md').is_file()
     image_size = load_config(out / 'config.yaml').data.image_size
@@ -290,7 +291,8 @@ def test_mixed_batches_hold_the_ratio_over_an_epoch_with_workers(tmp_path):
     "Real DataLoader workers: every batch has its share of unlabelled images, each image is drawn about equally often."
     from collections import Counter
     from skinkd.config import load_config
-    from skinkd.data import MixedLoader, get_data, make_synthetic
+    from skinkd.synthetic import make_synthetic
+    from skinkd.loaders import MixedLoader, get_data
     make_synthetic(tmp_path / 'syn', 60, 48, seed=2)   # 42 training images: 21 masked, 21 without
     cfg = resolve_paths(load_config(params={'data.root': str(tmp_path / 'syn'), 'data.cache_dir': str(tmp_path / 'cache'),
                                             'data.image_size': 48, 'data.num_workers': 2, 'train.batch_size': 4,

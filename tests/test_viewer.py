@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skinkd.config import SkinkdError
+from skinkd.core import SkinkdError
 from conftest import ARTIFACTS, browser_page, free_port, stop_server, wait_http
-from skinkd.viewer import (ERROR_COLORS, PALETTE, MaskViewer, ViewerError, blend, load_predictions, mask_edges,
-                           overlay, save_predictions, side_by_side, sort_order, synthetic_example, to_png)
+from skinkd.overlays import (ERROR_COLORS, PALETTE, ViewerError, blend, load_predictions, mask_edges,
+                             overlay, save_predictions, side_by_side, to_png)
+from skinkd.viewer import MaskViewer, sort_order, synthetic_example
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / 'nbs' / '10_viewer.ipynb'
@@ -302,10 +303,11 @@ def _viewer_state(page) -> tuple[str, str, str]:
 
 
 def test_from_dataset_reads_files_lazily(tmp_path):
-    data = pytest.importorskip('skinkd.data', reason='the data chapter (skinkd.data) is not built yet')
-    root = data.make_synthetic(tmp_path / 'synth', n=6, size=80, seed=2)
+    from skinkd.data import discover
+    from skinkd.synthetic import make_synthetic
+    root = make_synthetic(tmp_path / 'synth', n=6, size=80, seed=2)
     v = MaskViewer.from_dataset(root, split='test', max_side=40)
-    tests = [s for s in data.discover(root) if s.split == 'test']
+    tests = [s for s in discover(root) if s.split == 'test']
     assert v.ids == [s.id for s in tests] and v.layer_names == ['ground truth']
     shown = png_array(v.image.value)
     with Image.open(tests[0].image) as im: w, h = im.size
@@ -315,7 +317,6 @@ def test_from_dataset_reads_files_lazily(tmp_path):
 
 
 def test_from_dataset_on_real_data(shared_data):
-    pytest.importorskip('skinkd.data', reason='the data chapter (skinkd.data) is not built yet')
     v = MaskViewer.from_dataset(shared_data / 'ham10000-5', mode='contour')   # 600x450 originals
     assert len(v.ids) == 5 and png_array(v.image.value).shape == (384, 512, 3)
     big = MaskViewer.from_dataset(shared_data / 'isic2018-512', max_side=128)  # 2207 pairs, read only when shown
