@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from skinkd.core import COMMANDS  # the registered commands (tests/test_cli.py checks they are settings.ini's scripts)
+from skinkd.core import (COMMANDS)  # the registered commands (tests/test_cli.py checks they are settings.ini's scripts)
 
 
 def wall(cmd: list[str]) -> float:

@@ -14,7 +14,7 @@ ResNet-101, separable and standard, and the separable MobileNetV3-Large student 
 The student table then compares every student skinkd can build (ResNet-18 and MobileNetV3-Large, standard and
 separable ASPP/decoder) against the default student: parameters, MACs, compiled and eager latency at batch 1 and
 `--student-size` pixels, eager latency under bf16 autocast and its speed-up over fp32 eager (alternated in blocks of
-calls before anything is compiled; large only on a CPU that multiplies bf16 natively, see nbs/06_learner.ipynb), and
+calls before anything is compiled; large only on a CPU that multiplies bf16 natively, see nbs/03b_device.ipynb), and
 training throughput.
 
 Every measurement alternates the models in one process, round after round (the order reversed every other round), so
@@ -45,10 +45,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from skinkd.models import DeepLabV3Plus, aspp_rates, count_macs, count_params
-from skinkd.checkpoints import prepare_for_training
-from skinkd.infer import prepare_for_inference
-from skinkd.export import cpu_description
+from skinkd.models import DeepLabV3Plus, aspp_rates, count_macs, count_params  # noqa: E402
+from skinkd.checkpoints import prepare_for_training  # noqa: E402
+from skinkd.infer import prepare_for_inference  # noqa: E402
+from skinkd.export import cpu_description  # noqa: E402
 
 SMP_ENCODER = {'resnet18': 'resnet18', 'resnet101': 'resnet101', 'mobilenet_v3_large': 'tu-mobilenetv3_large_100'}
 STUDENTS = [('resnet18', False), ('resnet18', True), ('mobilenet_v3_large', False), ('mobilenet_v3_large', True)]

@@ -28,10 +28,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from skinkd.models import DeepLabV3Plus
-from skinkd.checkpoints import prepare_for_training
-from skinkd.infer import prepare_for_inference
-from skinkd.export import cpu_description
+from skinkd.models import DeepLabV3Plus  # noqa: E402
+from skinkd.checkpoints import prepare_for_training  # noqa: E402
+from skinkd.infer import prepare_for_inference  # noqa: E402
+from skinkd.export import cpu_description  # noqa: E402
 
 from models import smp_model  # noqa: E402
 

@@ -25,7 +25,7 @@ import torch
 from skinkd.config import load_config, resolve_paths
 from skinkd.loaders import get_data
 from skinkd.checkpoints import load_model
-from skinkd.infer import (_to_input, predict, trained_preprocessing, compile_for_inference,
+from skinkd.infer import (to_input, predict, trained_preprocessing, compile_for_inference,
                           prepare_for_inference)
 from skinkd.export import OnnxModel, spread_pick, cpu_description, export_model, int8_instructions, masks_dice
 from skinkd.compare import bootstrap_ci
@@ -36,7 +36,7 @@ from models import alternate_blocks, fmt_spread, infer_step, spread
 
 def calibration_from_cache(cache, count: int, normalize: bool) -> np.ndarray:
     "`count` training images spread evenly over the cached training split, as model inputs."
-    return _to_input(cache.images[spread_pick(list(range(len(cache.images))), count)], normalize).numpy()
+    return to_input(cache.images[spread_pick(list(range(len(cache.images))), count)], normalize).numpy()
 
 
 def test_dice(model, cache, normalize: bool, e) -> np.ndarray:

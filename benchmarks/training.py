@@ -5,7 +5,7 @@
 
 1. Precision. Each workload runs in fp32 and under bf16 autocast, alternated round after round so that machine noise
    hits both alike (best of `--repeats`); the table gives the bf16 speed-up and what `--amp` picks on this machine
-   (`skinkd.learner.resolve_precision`: `auto` is bf16 only where the CPU multiplies it natively):
+   (`skinkd.device.resolve_precision`: `auto` is bf16 only where the CPU multiplies it natively):
    - student step: forward + BCE-Dice + backward + SGD step of the default student (the raw baseline's step);
    - teacher step: the same for the ResNet-101 teacher;
    - distillation step: the real `DistillTask` (default terms: ASPP and decoder hints + logit KD) with the frozen
@@ -30,14 +30,14 @@ if __name__ == '__main__': cap_isa(sys.argv)
 
 import torch  # noqa: E402
 
-from skinkd.schema import Config
-from skinkd.models import DeepLabV3Plus
-from skinkd.device import PRECISION_NAMES, autocast, resolve_precision
-from skinkd.export import cpu_description
-from skinkd.losses import DistillationLoss, SegLoss
-from skinkd.learner import SegTask
-from skinkd.soft_labels import freeze
-from skinkd.distill import DistillTask
+from skinkd.schema import Config  # noqa: E402
+from skinkd.models import DeepLabV3Plus  # noqa: E402
+from skinkd.device import PRECISION_NAMES, autocast, resolve_precision  # noqa: E402
+from skinkd.export import cpu_description  # noqa: E402
+from skinkd.losses import DistillationLoss, SegLoss  # noqa: E402
+from skinkd.learner import SegTask  # noqa: E402
+from skinkd.soft_labels import freeze  # noqa: E402
+from skinkd.distill import DistillTask  # noqa: E402
 from models import alternate  # noqa: E402  (benchmarks/models.py)
 
 CPU = torch.device('cpu')

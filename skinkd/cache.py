@@ -6,27 +6,26 @@
 from __future__ import annotations
 
 import argparse
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 import hashlib
 import json
 import os
+from pathlib import Path
 import shutil
 import sys
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
-from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from .core import (CACHE_KINDS, DataError, SkinkdError, build_lock, check_free_space, disk_error,
                          remove_dead_temps, temp_sibling)
 from .data import CACHE_VERSION, Sample, load_image, load_pair
-from .checks import _fingerprint, check_data, default_workers
-
+from .checks import pair_fingerprint, check_data, default_workers
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SAMPLED_ABOVE', 'CACHE_FORMAT', 'mirror_pad_to_square', 'prepare_image',
@@ -143,7 +142,7 @@ CACHE_FORMAT = 4  # the layout of a cache folder, in its key; 4: full checksums,
 
 def cache_key(samples: list[Sample], size: int, mirror_pad: bool, mask_resize: str) -> str:
     "A hash of every file (path, size, mtime) and option that determines the cache content."
-    spec = [CACHE_VERSION, CACHE_FORMAT, size, mirror_pad, mask_resize, [(s.id, _fingerprint(s)) for s in samples]]
+    spec = [CACHE_VERSION, CACHE_FORMAT, size, mirror_pad, mask_resize, [(s.id, pair_fingerprint(s)) for s in samples]]
     return hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:20]
 
 class SegCache:

@@ -5,9 +5,9 @@
 # %% ../nbs/03a_checkpoints.ipynb #a27bc0c2
 from __future__ import annotations
 
-import zipfile
 from dataclasses import asdict
 from pathlib import Path
+import zipfile
 
 import torch
 from torch import nn
@@ -16,8 +16,7 @@ from . import __version__
 from .core import SkinkdError, atomic_write, check_free_space, ROLES
 from .schema import ConfigError, ModelConfig
 from .config import from_dict
-from .models import DeepLabV3Plus, _first, build_model, state_mismatch
-
+from .models import DeepLabV3Plus, first_keys, build_model, state_mismatch
 
 # %% auto #0
 __all__ = ['CHECKPOINT_KEYS', 'RESUME_KEYS', 'OPTIONAL_KEYS', 'CheckpointError', 'to_loadable', 'tensor_bytes', 'atomic_save',
@@ -74,7 +73,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_cfg: ModelConfig, 
                     epoch: int = 0, optimizer=None, scheduler=None, scaler=None, # given: a resumable checkpoint
                     metrics: dict | None = None, # e.g. {'val_dice': 0.87}
                     extra: dict | None = None, # any other state (run mode, RNG states, early stopping...)
-                    preprocessing: dict | None = None, # how inputs must be prepared (`skinkd.data.preprocessing`)
+                    preprocessing: dict | None = None, # how inputs must be prepared (`skinkd.loaders.preprocessing`)
                    ) -> Path:
     "Write a skinkd checkpoint atomically; without an optimizer it holds weights and metadata only."
     if role not in ROLES: raise ValueError(f'role must be one of {ROLES}, got {role!r}')
@@ -105,7 +104,7 @@ def _unreadable(path: Path, e: Exception) -> str:
 def _validate(ckpt, path: Path) -> dict:
     "Check that a loaded object is a skinkd checkpoint with a valid model config."
     if not isinstance(ckpt, dict) or (missing := [k for k in CHECKPOINT_KEYS if k not in ckpt]):
-        what = f"missing {_first(missing)}" if isinstance(ckpt, dict) else f'a {type(ckpt).__name__}'
+        what = f"missing {first_keys(missing)}" if isinstance(ckpt, dict) else f'a {type(ckpt).__name__}'
         raise CheckpointError(f'{path} is a PyTorch file but not a skinkd checkpoint ({what}); '
                               'skinkd checkpoints are written by save_checkpoint (runs/<name>/checkpoints/*.pt)')
     try: from_dict(ModelConfig, ckpt['model_config'], 'model_config')

@@ -5,23 +5,24 @@
 # %% ../nbs/01a_checks.ipynb #023343c6
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+import hashlib
+import json
+import os
 from pathlib import Path
+import sys
 
 import numpy as np
 
 from .core import atomic_write, DataError, build_lock
-from .data import CACHE_VERSION, IMAGE_EXTS, Sample, _image_files, _mask_array, _open, _to_rgb, scan
-
+from .data import (CACHE_VERSION, IMAGE_EXTS, Sample, folder_image_files, mask_array, open_image,
+                         to_rgb, scan)
 
 # %% auto #0
-__all__ = ['DataReport', 'report_summary', 'default_workers', 'check_data', 'usable_samples', 'image_samples', 'check_images']
+__all__ = ['DataReport', 'report_summary', 'pair_fingerprint', 'default_workers', 'check_data', 'usable_samples', 'image_samples',
+           'check_images']
 
 # %% ../nbs/01a_checks.ipynb #ebc185d1
 def _is_utf8(name: str) -> bool:
@@ -33,7 +34,7 @@ def _is_utf8(name: str) -> bool:
 
 def _decode_checked(path: Path, what: str, convert) -> tuple[np.ndarray, list[str]]:
     "Decode `path` (an image or a mask, `convert` its converter): the array and what was converted, as notes."
-    im = _open(path, what)
+    im = open_image(path, what)
     a, note = convert(im)
     return a, [f'{path}: {n}' for n in (im.info.get('upright'), note) if n]
 
@@ -44,7 +45,7 @@ def _check_sample(s: Sample, needs_mask: bool = True) -> dict:
         out['problems'].append(f'file name {ascii(str(odd[0]))} is not valid UTF-8; rename the file '
                                '(ids are written into CSV and JSON reports)')
         return out
-    try: img, notes = _decode_checked(s.image, 'image', _to_rgb)
+    try: img, notes = _decode_checked(s.image, 'image', to_rgb)
     except DataError as e:
         out['problems'].append(str(e))
         return out
@@ -53,7 +54,7 @@ def _check_sample(s: Sample, needs_mask: bool = True) -> dict:
     if s.mask is None:
         out['problems'].append(f'image {s.image} has no mask; add its mask or remove the image')
         return out
-    try: m, notes = _decode_checked(s.mask, 'mask', _mask_array)
+    try: m, notes = _decode_checked(s.mask, 'mask', mask_array)
     except DataError as e:
         out['problems'].append(str(e))
         return out
@@ -112,7 +113,7 @@ def report_summary(r: DataReport) -> str:
 
 DataReport.summary = report_summary
 
-def _fingerprint(s: Sample) -> str:
+def pair_fingerprint(s: Sample) -> str:
     "A key that changes when either file of the pair changes (path, size, modification time)."
     st = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) if p is not None else None for p in (s.image, s.mask)]
     return hashlib.sha1(json.dumps(st).encode()).hexdigest()
@@ -136,7 +137,7 @@ def _check_missing(memo: dict, keys: list[str], samples: list[Sample], needs_mas
 
 def _checks(samples: list[Sample], cache_dir: str | Path | None, needs_mask: bool = True) -> list[dict]:
     "Check every sample (in threads), reusing results remembered in `cache_dir`: one run checks, the others wait."
-    keys = [f'v{CACHE_VERSION}:' + _fingerprint(s) + ('' if needs_mask else ':image') for s in samples]
+    keys = [f'v{CACHE_VERSION}:' + pair_fingerprint(s) + ('' if needs_mask else ':image') for s in samples]
     memo = {} if cache_dir is None else _read_memo(path := Path(cache_dir) / 'checks.json')
     if cache_dir is None: _check_missing(memo, keys, samples, needs_mask)
     elif any(k not in memo for k in keys):
@@ -199,7 +200,7 @@ def image_samples(folder: str | Path # a plain folder of images, or a dataset fo
     if not folder.is_dir():
         raise DataError(f'unlabelled image folder {folder} not found; '
                         'set distill.unlabeled to a folder of .jpg/.png/.bmp images')
-    if files := _image_files(folder): return [Sample(p.stem, p, None, None) for p in files]
+    if files := folder_image_files(folder): return [Sample(p.stem, p, None, None) for p in files]
     return [s._replace(mask=None, split=None) for s in scan(folder)[1]]
 
 def check_images(folder: str | Path, # see `image_samples`

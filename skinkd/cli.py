@@ -6,13 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 from dataclasses import dataclass
+import importlib
 from typing import Any, Callable
 
 from .core import cli_main, ENCODERS, OneOf, Registry, did_you_mean, COMMANDS
 from .config import add_config_args
-
 
 # %% auto #0
 __all__ = ['synth_main', 'check_data_main', 'export_main', 'train_teacher_main', 'distill_main', 'evaluate_main', 'pipeline_main',

@@ -5,17 +5,17 @@
 # %% ../nbs/09_compare.ipynb #e283cf9d
 from __future__ import annotations
 
+from dataclasses import dataclass, asdict
 import math
-from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
+
 from .metrics import is_flag
 
-
 # %% auto #0
-__all__ = ['VERDICT_HEADS', 'bootstrap_ci', 'wilcoxon_p', 'paired_comparison', 'Verdict', 'dice_verdict', 'md_table',
-           'paired_table']
+__all__ = ['VERDICT_HEADS', 'bootstrap_ci', 'wilcoxon_p', 'paired_comparison', 'Verdict', 'dice_verdict', 'verdict_dict',
+           'mean_sd', 'md_table', 'paired_table']
 
 # %% ../nbs/09_compare.ipynb #441ce6b2
 def bootstrap_ci(d: np.ndarray, # paired differences, (images,) or (seeds, images)
@@ -103,8 +103,14 @@ def dice_verdict(diffs: np.ndarray, # per-image Dice distilled − raw: (images,
     return Verdict(effect, float(d.mean()) if d.size else math.nan, (lo, hi),
                    wilcoxon_p(d.mean(0)) if d.size else math.nan, d.shape[0], d.shape[1], teacher_val, raw_val)
 
+def verdict_dict(v: Verdict | None) -> dict | None:
+    "A verdict as JSON-ready data, with its lines."
+    return None if v is None else {**asdict(v), 'ci': list(v.ci), 'teacher_weaker': v.teacher_weaker,
+                                   'lines': v.lines()}
+
+
 # %% ../nbs/09_compare.ipynb #3d5eba31
-def _pm(s: dict, k: str, digits: int = 4) -> str:
+def mean_sd(s: dict, k: str, digits: int = 4) -> str:
     "'mean ± std' of summary key `k`."
     m, sd = s.get(k, math.nan), s.get(f'{k}_std', math.nan)
     return f'{m:.{digits}f} ± {sd:.{digits}f}' if math.isfinite(m) else '–'

@@ -6,40 +6,26 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 import copy
+from dataclasses import asdict, fields, is_dataclass, replace
 import math
 import os
-from collections.abc import Mapping
-from dataclasses import asdict, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .core import KD_TERMS, SkinkdError, atomic_write, cli_main, did_you_mean, scratch_dir, unique_names
-
-# still importable from here, as before 00_core
-_all_ = ['SkinkdError', 'atomic_write', 'cli_main', 'scratch_dir', 'unique_names']
-from .schema import AugmentConfig
-from .schema import Config
-from .schema import ConfigError
-from .schema import DataConfig
-from .schema import DistillConfig
-from .schema import DistillTerm
-from .schema import TERM_KEYS
-from .schema import TeacherRecipe
-from .schema import TrainConfig
-from .schema import term_params
-from .core import STAGES
-
+from .core import KD_TERMS, STAGES, atomic_write, did_you_mean, scratch_dir
+from .schema import (AugmentConfig, Config, ConfigError, DataConfig, DistillConfig, DistillTerm,
+                           TERM_KEYS, TeacherRecipe, TrainConfig, term_params)
 
 # %% auto #0
 __all__ = ['OLD_TERM_DEFAULTS', 'MAX_YAML_VALUES', 'NOT_RECIPE', 'PATH_KEYS', 'DEFAULT_CONFIG', 'SMOKE_OVERRIDES',
            'LEAN_OVERRIDES', 'from_dict', 'parse_term', 'parse_override', 'read_yaml', 'load_config',
            'teacher_overrides', 'stage_recipe', 'recipe_source', 'flat_config', 'differences', 'student_recipe',
            'recipe_differences', 'resolve_paths', 'plain_config', 'config_to_yaml', 'save_config', 'add_config_args',
-           'config_from_args', 'with_default_config', 'is_smoke', 'notebook_config', 'term_rows', 'describe',
-           'SkinkdError', 'atomic_write', 'cli_main', 'scratch_dir', 'unique_names']
+           'config_from_args', 'with_default_config', 'is_smoke', 'notebook_config', 'term_rows', 'describe']
 
 # %% ../nbs/00b_config.ipynb #61b3d2bd
 _suggest = did_you_mean  # the hint for a misspelled key, shared with the registries

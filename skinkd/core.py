@@ -5,6 +5,7 @@
 # %% ../nbs/00_core.ipynb #f098344b
 from __future__ import annotations
 
+from contextlib import contextmanager
 import difflib
 import errno
 import fcntl
@@ -13,18 +14,15 @@ import importlib
 import json
 import multiprocessing.util
 import os
+from pathlib import Path
 import shutil
 import signal
 import socket
 import sys
 import tempfile
-from contextlib import contextmanager
 import threading
+from typing import Any, Iterator, NamedTuple
 import uuid
-from pathlib import Path
-from typing import Any, Iterator
-from typing import NamedTuple
-
 
 # %% auto #0
 __all__ = ['FS_FIXES', 'NO_LOCKS', 'LAYOUTS', 'KD_TERMS', 'ENCODERS', 'CACHE_KINDS', 'METRICS', 'COMMANDS', 'STAGES', 'ROLES',
@@ -347,7 +345,7 @@ class OneOf:
 LAYOUTS = Registry('dataset layout', home='skinkd.data')  # filled by @layout in 01_data
 KD_TERMS = Registry('distillation term', home='skinkd.losses')  # filled by @kd_term in 04_losses
 ENCODERS = Registry('encoder', home='skinkd.models')  # filled by @encoder in 03_models
-CACHE_KINDS = Registry('cache kind', home='skinkd.soft_labels')  # how to rebuild each: 01_data, 07a_soft_labels
+CACHE_KINDS = Registry('cache kind', home='skinkd.soft_labels')  # how to rebuild each: 01b_cache, 07a_soft_labels
 METRICS = Registry('metric', home='skinkd.metrics')  # filled by @metric in 05_metrics
 COMMANDS = Registry('command', home='skinkd.cli')  # filled by @command in 00c_cli
 

@@ -6,11 +6,11 @@
 from __future__ import annotations
 
 import csv
-import hashlib
-import warnings
 from functools import partial
+import hashlib
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -19,9 +19,10 @@ from .core import LAYOUTS, DataError
 from .synthetic import ISIC2018_DIRS
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'ISIC_PARTS', 'SPLITS', 'EXIF_ORIENTATION', 'CACHE_VERSION', 'Sample', 'Layout',
-           'layout', 'detect_layout', 'scan', 'discover', 'read_groups', 'read_split_file', 'split_samples',
-           'split_labeled', 'binarize_mask', 'load_image', 'load_pair']
+__all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'ISIC_PARTS', 'SPLITS', 'EXIF_ORIENTATION', 'CACHE_VERSION', 'Sample',
+           'folder_image_files', 'Layout', 'layout', 'detect_layout', 'scan', 'discover', 'read_groups',
+           'read_split_file', 'split_samples', 'split_labeled', 'to_rgb', 'mask_array', 'binarize_mask', 'open_image',
+           'load_image', 'load_pair']
 
 # %% ../nbs/01_data.ipynb #52f57b6a
 class Sample(NamedTuple):
@@ -41,7 +42,7 @@ ISIC_PARTS = {
     'isic2018': [(s, f'ISIC2018_Task1-2_{d}_Input', f'ISIC2018_Task1_{d}_GroundTruth')
                  for s, d in ISIC2018_DIRS.items()]}
 
-def _image_files(folder: Path) -> list[Path]:
+def folder_image_files(folder: Path) -> list[Path]:
     "Image files in `folder` (sorted; ISIC superpixel files left out)."
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file()
                   and not p.stem.endswith('_superpixels') and not p.name.startswith('.'))
@@ -54,8 +55,8 @@ def _mask_stem(stem: str) -> str:
 
 def _pair_folder(img_dir: Path, mask_dir: Path, split: str | None) -> tuple[list[Sample], list[Path]]:
     "Pair the images of `img_dir` with the masks of `mask_dir` by stem; also return masks without image."
-    masks = {_mask_stem(p.stem): p for p in _image_files(mask_dir)}
-    samples = [Sample(p.stem, p, masks.pop(p.stem, None), split) for p in _image_files(img_dir)]
+    masks = {_mask_stem(p.stem): p for p in folder_image_files(mask_dir)}
+    samples = [Sample(p.stem, p, masks.pop(p.stem, None), split) for p in folder_image_files(img_dir)]
     return samples, sorted(masks.values())
 
 # %% ../nbs/01_data.ipynb #56002a50
@@ -253,7 +254,7 @@ def split_labeled(samples: list[Sample], # the training split
     return [s for s in samples if s.id in keep], [s._replace(mask=None) for s in samples if s.id not in keep]
 
 # %% ../nbs/01_data.ipynb #7c5ca726
-def _to_rgb(im: Image.Image) -> tuple[np.ndarray, str | None]:
+def to_rgb(im: Image.Image) -> tuple[np.ndarray, str | None]:
     "An 8-bit RGB array of `im`, and a note saying what was converted (None if nothing)."
     mode = im.mode
     if mode == 'RGB': return np.asarray(im), None
@@ -264,7 +265,7 @@ def _to_rgb(im: Image.Image) -> tuple[np.ndarray, str | None]:
             '1': '1-bit'}.get(mode, mode)
     return np.asarray(im.convert('RGB')), f'{what} image converted to RGB'
 
-def _mask_array(im: Image.Image) -> tuple[np.ndarray, str | None]:
+def mask_array(im: Image.Image) -> tuple[np.ndarray, str | None]:
     "A 2-D uint8 array of the mask `im`, and a note when it had to be converted."
     if im.mode == 'L': return np.asarray(im), None
     if im.mode == 'P':  # read through the palette, as viewers show it: any colour but black is lesion
@@ -285,7 +286,7 @@ EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how a camera's stored pixels
 # 2: upright (EXIF) images, palette masks through the palette; 3: an empty mask is usable (a lesion-free image)
 CACHE_VERSION = 3
 
-def _open(path: Path, what: str) -> Image.Image:
+def open_image(path: Path, what: str) -> Image.Image:
     "Open and decode an image file upright (EXIF orientation applied); `DataError` naming it if undecodable."
     try:
         im = Image.open(path)
@@ -300,9 +301,9 @@ def _open(path: Path, what: str) -> Image.Image:
 
 def load_image(path: str | Path) -> np.ndarray:
     "Decode an image file as RGB (H,W,3) uint8; a `DataError` naming the file when it cannot be decoded."
-    return _to_rgb(_open(Path(path), 'image'))[0]
+    return to_rgb(open_image(Path(path), 'image'))[0]
 
 def load_pair(s: Sample) -> tuple[np.ndarray, np.ndarray]:
     "Decode a sample: RGB image (H,W,3) uint8 and boolean mask (H,W)."
     img = load_image(s.image)
-    return img, binarize_mask(_mask_array(_open(s.mask, 'mask'))[0])
+    return img, binarize_mask(mask_array(open_image(s.mask, 'mask'))[0])

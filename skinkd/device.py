@@ -5,8 +5,8 @@
 # %% ../nbs/03b_device.ipynb #97806daf
 from __future__ import annotations
 
-import os
 from dataclasses import replace
+import os
 from typing import NamedTuple
 
 import torch

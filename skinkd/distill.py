@@ -9,10 +9,9 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
-
-import numpy as np
 
 from .core import KD_TERMS, SkinkdError
 from .schema import Config, DistillTerm
@@ -25,7 +24,6 @@ from .metrics import per_image_metrics
 from .runs import term_contributions
 from .learner import Learner, SegTask, train_model
 from .soft_labels import cached_taps, load_teacher, soft_label_source
-
 
 # %% auto #0
 __all__ = ['DistillTask', 'student_task', 'soft_label_line', 'check_baseline', 'uses_unlabeled', 'check_unlabeled_terms',

@@ -6,16 +6,16 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 import csv
+from dataclasses import asdict, dataclass, field
 import io
 import json
 import math
+from pathlib import Path
 import re
 import sys
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,16 +36,16 @@ from .metrics import (JACCARD_THRESHOLD, per_image_metrics, score_at_original, s
                             lower_is_better, metric_names)
 from .overlays import ERROR_COLORS, overlay, save_predictions
 from .runs import save_figure
-from .compare import Verdict, _pm, dice_verdict, md_table, paired_comparison, paired_table
-
+from .compare import (Verdict, mean_sd, dice_verdict, md_table, paired_comparison, paired_table,
+                            verdict_dict)
 
 # %% auto #0
 __all__ = ['ERROR_KEY', 'REPORT', 'PAIRED', 'NOT_PAIRED', 'EvaluationError', 'score_model', 'binary_masks', 'cpu_latency',
            'model_name', 'ModelResult', 'eval_settings', 'evaluate_checkpoint', 'results_table', 'ratio_table',
            'box_plots', 'worst_cases_figure', 'Evaluation', 'pair_verdict', 'write_per_image_csv', 'write_json',
-           'report_markdown', 'evaluate_checkpoints', 'viewer_metrics', 'verdict_dict', 'metrics_record',
-           'checkpoints_preprocessing', 'asked_keys', 'config_for_checkpoints', 'all_pairs_cache', 'split_cache',
-           'evaluate_from_config', 'evaluate_command', 'student_checkpoint', 'test_student', 'test_student_command']
+           'report_markdown', 'evaluate_checkpoints', 'viewer_metrics', 'metrics_record', 'checkpoints_preprocessing',
+           'asked_keys', 'config_for_checkpoints', 'all_pairs_cache', 'split_cache', 'evaluate_from_config',
+           'evaluate_command', 'student_checkpoint', 'test_student', 'test_student_command']
 
 # %% ../nbs/09a_evaluate.ipynb #a6f85d00
 class EvaluationError(SkinkdError, ValueError):
@@ -144,7 +144,7 @@ def results_table(results: list[ModelResult]) -> str:
     "Markdown table: every ISIC metric (mean ± std), failure rate, HD95 and the cost of each model."
     header = ['model', 'backbone', *metric_names(), 'failure rate', 'HD95 misses', 'params (M)', 'MACs (G)',
               'CPU ms/image']
-    rows = [[r.name, r.backbone, *[_pm(r.summary, k, METRICS.get(k).digits) for k in metric_names()],
+    rows = [[r.name, r.backbone, *[mean_sd(r.summary, k, METRICS.get(k).digits) for k in metric_names()],
              f"{r.summary['failure_rate']:.3f}", r.summary.get('hd95_misses', 0), f'{r.params / 1e6:.2f}',
              f'{r.macs / 1e9:.2f}', f'{r.latency_s * 1e3:.1f}'] for r in results]
     return md_table(header, rows)
@@ -358,11 +358,6 @@ def viewer_metrics(results: list[ModelResult]) -> dict[str, np.ndarray]:
         cols |= {f'distilled-raw/{k}': pair[0].per_image[k] - pair[1].per_image[k]
                  for k in pair[0].per_image if not is_flag(k)}
     return cols
-
-def verdict_dict(v: Verdict | None) -> dict | None:
-    "A verdict as JSON-ready data, with its lines."
-    return None if v is None else {**asdict(v), 'ci': list(v.ci), 'teacher_weaker': v.teacher_weaker,
-                                   'lines': v.lines()}
 
 def metrics_record(results: list[ModelResult], paired: dict | None = None, verdict: Verdict | None = None) -> dict:
     "The one `metrics.json` layout (skinkd_evaluate, --mode test): each model's summary and cost, paired test, verdict."

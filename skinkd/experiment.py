@@ -6,11 +6,11 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, replace
 import json
 import math
-import time
-from dataclasses import dataclass, replace
 from pathlib import Path
+import time
 
 import numpy as np
 
@@ -24,10 +24,9 @@ from .metrics import metric_names
 from .runs import save_figure
 from .teacher import train_teacher
 from .distill import train_student
-from .compare import VERDICT_HEADS, Verdict, dice_verdict, md_table
-from .evaluate import (ModelResult, all_pairs_cache, evaluate_checkpoint, split_cache, verdict_dict,
-                             write_json, write_per_image_csv)
-
+from .compare import VERDICT_HEADS, Verdict, dice_verdict, md_table, verdict_dict
+from .evaluate import (ModelResult, all_pairs_cache, evaluate_checkpoint, split_cache, write_json,
+                             write_per_image_csv)
 
 # %% auto #0
 __all__ = ['NOT_EXPERIMENT', 'NAMES', 'Run', 'ablation_variants', 'experiment_plan', 'read_done', 'train_once', 'claim_folder',

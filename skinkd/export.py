@@ -7,23 +7,21 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 import platform
 import tempfile
 import warnings
-from pathlib import Path
 
 import numpy as np
-
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 
 from .core import SkinkdError, atomic_write, disk_error
 from .data import load_image
 from .cache import prepare_image, normalize
 from .checkpoints import load_model
-from .infer import prepare_for_inference, input_preparation, image_files, predict_mask
-
+from .infer import prepare_for_inference, input_preparation, image_files, predict_mask, to_input
 
 # %% auto #0
 __all__ = ['FORMATS', 'ISA_NAMES', 'DEFAULT_TOL', 'CHECK_IMAGES', 'CALIB_HINT', 'example_input', 'OnnxModel', 'export_model',
@@ -43,13 +41,11 @@ def example_input(size: int = 256, image: str | Path | None = None) -> torch.Ten
     "A normalised (1, 3, size, size) input: an image file, or a fixed smooth pseudo-image."
     if image is None:
         g = torch.Generator().manual_seed(0)
-        img = F.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(size, size), mode='bicubic').clamp(0, 1)[0]
-    else:
-        if not Path(image).is_file():
-            raise SkinkdError(f'image {image} not found; pass an existing --image or leave it out')
-        # DataError names a broken file
-        img = torch.from_numpy(prepare_image(load_image(image), size, mirror_pad=False)).permute(2, 0, 1) / 255
-    return normalize(img)[None]
+        img = F.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(size, size), mode='bicubic').clamp(0, 1)
+        return normalize(img)
+    if not Path(image).is_file():
+        raise SkinkdError(f'image {image} not found; pass an existing --image or leave it out')
+    return to_input(prepare_image(load_image(image), size, mirror_pad=False)[None])  # DataError names a broken file
 
 # %% ../nbs/03d_export.ipynb #53a1778e
 FORMATS = ('onnx', 'onnx-int8', 'torchscript')  # what `skinkd_export --format` writes
@@ -152,9 +148,8 @@ def calibration_inputs(files: list, # image files, e.g. from `image_files` (`03c
                        count: int = 64, # images to use, spread evenly over `files`
                       ) -> np.ndarray:
     "(N,3,size,size) float32 model inputs of up to `count` of `files`, prepared exactly as for training."
-    x = torch.stack([torch.tensor(prepare_image(load_image(f), size, mirror_pad)).permute(2, 0, 1) / 255
-                     for f in spread_pick(files, count)])
-    return (normalize(x) if normalize_inputs else x).numpy().astype(np.float32)
+    images = np.stack([prepare_image(load_image(f), size, mirror_pad) for f in spread_pick(files, count)])
+    return to_input(images, normalize_inputs).numpy().astype(np.float32)
 
 def _calibration_reader(inputs: np.ndarray):
     "ONNX Runtime's calibration reader over `inputs`, one image per call."

@@ -5,34 +5,29 @@
 # %% ../nbs/03c_infer.ipynb #6ea3b862
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
+import copy
+import glob
+from pathlib import Path
+from typing import NamedTuple
 import warnings
 
 import numpy as np
-
 import torch
+from torch import nn, Tensor
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .core import SkinkdError
+from .data import IMAGE_EXTS, folder_image_files, scan
+from .checks import image_samples
 from .cache import normalize as imagenet_normalize
 from .checkpoints import unwrap
-from typing import NamedTuple
-from .data import IMAGE_EXTS
-from pathlib import Path
-from .core import SkinkdError
-import glob
-from .checks import image_samples
-from .data import _image_files
-from .data import scan
-from torch import Tensor
-
 
 # %% auto #0
 __all__ = ['PREPROCESSING_KEYS', 'fold_batchnorm', 'freeze_for_cpu', 'CompiledForInference', 'compile_for_inference',
-           'prepare_for_inference', 'trained_preprocessing', 'InputPreparation', 'input_preparation', 'view_probs',
-           'predict', 'image_files', 'probs_to_mask', 'predict_mask']
+           'prepare_for_inference', 'trained_preprocessing', 'InputPreparation', 'input_preparation', 'to_input',
+           'view_probs', 'predict', 'image_files', 'probs_to_mask', 'predict_mask']
 
 # %% ../nbs/03c_infer.ipynb #380e8328
 def _conv_bn_pairs(parent: nn.Module):
@@ -114,7 +109,7 @@ def input_preparation(ckpt: dict) -> InputPreparation | None:
                             bool(pre.get('augment.normalize', True)))
 
 # %% ../nbs/03c_infer.ipynb #7521a8fa
-def _to_input(images: np.ndarray, normalize: bool = True) -> torch.Tensor:
+def to_input(images: np.ndarray, normalize: bool = True) -> torch.Tensor:
     "A float (N,3,S,S) batch from uint8 (N,S,S,3) images, ImageNet-normalised like the evaluation transforms."
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
     if not normalize: return x
@@ -161,7 +156,7 @@ def predict(model: torch.nn.Module, # a segmentation model returning (N,C,S,S) l
     model = model.eval().to(device)
     out = []
     for s in range(0, len(indices), batch_size):
-        x = _to_input(cache.images[indices[s:s + batch_size]], normalize).to(device)
+        x = to_input(cache.images[indices[s:s + batch_size]], normalize).to(device)
         out.append(view_probs(model, x, tta, scales).cpu())
     return torch.cat(out) if out else torch.zeros(0, 1, *cache.images.shape[1:3])
 
@@ -170,7 +165,7 @@ def _is_glob(p: str) -> bool: return any(c in p for c in '*?[')
 
 def _folder_images(folder: Path, train_only: bool) -> list[Path]:
     "A plain folder's image files, or a dataset folder's images (with `train_only`, its training split only)."
-    if not train_only or _image_files(folder): return [s.image for s in image_samples(folder)]
+    if not train_only or folder_image_files(folder): return [s.image for s in image_samples(folder)]
     return [s.image for s in scan(folder)[1] if s.split in (None, 'train')]
 
 def image_files(paths: list, # image files, folders (plain, or a dataset of any layout) and globs

@@ -6,21 +6,21 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 import itertools
 import math
 import os
+from pathlib import Path
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
-from functools import partial
-from pathlib import Path
 
+from fastcore.basics import patch
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
-from fastcore.basics import patch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .core import SkinkdError, atomic_write, DeferredStop, Stopped, remove_stale_temps, STAGES
@@ -29,19 +29,17 @@ from .config import from_dict, recipe_source, save_config, stage_recipe, teacher
 from .loaders import EpochSampler, preprocessing
 from .checkpoints import is_resumable, load_checkpoint, prepare_for_training, save_checkpoint, unwrap
 from .device import (PRECISION_NAMES, autocast, default_device, full_precision, init_distributed,
-                           is_main, resolve_precision, with_precision, Precision)
+                           resolve_precision, with_precision, Precision)
 from .losses import term_names
 from .metrics import MetricAccumulator
 from .board import RunBoard, board_images, summary_writer
 from .runs import (duration_text, history_figure, progress_line, progress_style, save_figure,
                          write_history)
 
-
 # %% auto #0
 __all__ = ['SOFT_LABEL_KEYS', 'set_seed', 'rng_state', 'set_rng_state', 'lr_factor', 'build_optimizer', 'build_scheduler',
            'SegTask', 'to_device', 'validate', 'set_loader_epoch', 'release_workers', 'RunRecord', 'Processes',
-           'Learner', 'average_gradients', 'changed_targets', 'resume_refusal', 'resume_conflicts', 'best_matches',
-           'train_model']
+           'Learner', 'changed_targets', 'resume_refusal', 'resume_conflicts', 'best_matches', 'train_model']
 
 # %% ../nbs/06_learner.ipynb #83236a14
 def set_seed(seed: int, deterministic: bool = False):
@@ -201,6 +199,7 @@ class Processes:
     def __init__(self):
         self.distributed = dist.is_available() and dist.is_initialized()
         self.world = dist.get_world_size() if self.distributed else 1
+        self.main = not self.distributed or dist.get_rank() == 0  # the process that writes files and logs
 
     def mean_(self, t: torch.Tensor) -> torch.Tensor:
         "`t` averaged over the processes, in place."
@@ -222,12 +221,16 @@ class Processes:
 
     def average_gradients(self, module: nn.Module):
         "Average `module`'s gradients over the processes (modules outside DDP, e.g. distillation adapters)."
-        if self.distributed: average_gradients(module)
+        if not self.distributed: return
+        for p in module.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(self.world)
 
     def wrap(self, model: nn.Module, device: torch.device, sync_bn: bool) -> nn.Module:
         "SyncBatchNorm (on GPUs, if `sync_bn`) and DistributedDataParallel."
         if sync_bn and device.type == 'cuda': model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif sync_bn and is_main():
+        elif sync_bn and self.main:
             warnings.warn('train.sync_bn: SyncBatchNorm needs GPUs; BatchNorm stays per-process on CPU')
         ids = [device.index] if device.type == 'cuda' else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -289,7 +292,7 @@ class Learner:
         elif self.epoch == 0 and self.run.checkpoint().exists():
             raise SkinkdError(f'{self.run_dir} already holds a run (checkpoints/last.pt); continue it with '
                               '--set train.resume=true, or choose another --out')
-        if is_main():
+        if self.processes.main:
             tqdm.write(str(self.precision))
             if self.precision.warning: tqdm.write(f'warning: {self.precision.warning}')
             self.run.start(records)
@@ -298,12 +301,12 @@ class Learner:
                            f"the rest as train")
         # for the ETA: wall clock, checkpoints included
         self.fit_started, self.fit_first_epoch = time.time(), self.epoch
-        self.board = self.run.board(self.loaders['val'], self.epoch) if is_main() else None
+        self.board = self.run.board(self.loaders['val'], self.epoch) if self.processes.main else None
         try: self._fit_epochs()
         finally:  # workers ignore SIGTERM (the main process handles it), so stop them here, not at interpreter exit
             for loader in self.loaders.values(): release_workers(loader)
             if self.board is not None: self.board.close()
-        if is_main(): self.run.drop_last()
+        if self.processes.main: self.run.drop_last()
         return self.history[-1] if self.history else {}
 
     def _fit_epochs(self):
@@ -331,7 +334,8 @@ def train_epoch(self: Learner) -> dict:
     loader = self.loaders['train']
     if not set_loader_epoch(loader, self.epoch, start): loader = itertools.islice(loader, start, None)
     n, acc = self.batches_per_epoch, self.tc.accumulate
-    what, style = f'{self.mode} epoch {self.epoch + 1}/{self.tc.epochs}', progress_style() if is_main() else 'off'
+    what = f'{self.mode} epoch {self.epoch + 1}/{self.tc.epochs}'
+    style = progress_style() if self.processes.main else 'off'
     bar = tqdm(loader, total=n, initial=start, desc=what, disable=style != 'bar', leave=False)
     began, every = time.time(), max(1, n // 10)
     for i, batch in enumerate(bar, start):
@@ -372,15 +376,6 @@ def train_step(self: Learner, batch: dict, last: bool, group: int = 1) -> dict:
         self.sched.step()
     return {'loss': loss.detach(), **logs}
 
-# %% ../nbs/06_learner.ipynb #84fda33d
-def average_gradients(module: nn.Module):
-    "Average `module`'s gradients across the processes of `torch.distributed`."
-    world = dist.get_world_size()
-    for p in module.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
-
 # %% ../nbs/06_learner.ipynb #1ac5d6f2
 @patch
 def seconds_per_epoch(self: Learner) -> float:
@@ -397,7 +392,7 @@ def end_epoch(self: Learner, train: dict, val: dict, seconds: float):
     self.history.append(row)
     improved = val['dice'] > self.best
     self.best, self.bad_epochs = (float(val['dice']), 0) if improved else (self.best, self.bad_epochs + 1)
-    if not is_main(): return
+    if not self.processes.main: return
     if self.board is not None: self.board.log_epoch(row, unwrap(self.model), self.device, self.batches_per_epoch)
     self.save('last.pt', val)
     if improved: self.save_best(val)
@@ -480,7 +475,7 @@ def resume(self: Learner):
     set_rng_state(extra['rng'])
     if (pos := extra.get('position')): self.resume_at = (pos['batch'], dict(pos['sums']))
     where = f"at batch {pos['batch']} of epoch {self.epoch + 1}" if pos else f'after epoch {self.epoch}'
-    if is_main(): tqdm.write(f'resumed {self.mode} from {path} {where}')
+    if self.processes.main: tqdm.write(f'resumed {self.mode} from {path} {where}')
     self.reconcile_best()
 
 @patch
@@ -502,7 +497,7 @@ def reconcile_best(self: Learner):
     if not stale: return
     val = {k.removeprefix('val_'): v for k, v in self.history[-1].items() if k.startswith('val_')}
     self.best = float(val['dice'])  # the best weights that still exist; a better epoch replaces them as usual
-    if is_main():
+    if self.processes.main:
         self.save_best(val)
         tqdm.write(f'{best} was missing or not the recorded best; '
                    f'rewritten from epoch {self.epoch} (val Dice {self.best:.4f})')
@@ -519,7 +514,7 @@ def stop_mid_epoch(self: Learner, done: int, # batches of epoch `self.epoch + 1`
                   ):
     "Save a checkpoint that resumes at batch `done` of this epoch, then raise `Stopped` saying so."
     path = self.run.checkpoint()
-    if is_main():
+    if self.processes.main:
         val = ({k.removeprefix('val_'): v for k, v in self.history[-1].items() if k.startswith('val_')}
                if self.history else {})
         self.save('last.pt', val, position={'batch': done, 'sums': {k: float(v) for k, v in sums.items()}})
@@ -533,7 +528,7 @@ def train_model(cfg: Config, # the resolved config
                 role: str, # 'teacher' or 'student', recorded in the checkpoint
                 mode: str, # 'teacher', 'raw' or 'distill', recorded in the checkpoint
                 make_task, # model -> (task, extra trainable modules or None)
-                data=None, # a `skinkd.data.DataBundle` (default: built from cfg)
+                data=None, # a `skinkd.loaders.DataBundle` (default: built from cfg)
                 soft_labels=None, # (samples, cache) -> soft maps for the training images (`07a_soft_labels`)
                ) -> Learner:
     "Seed, build the model and the data, and train: the one entry point of every training mode."

@@ -5,11 +5,11 @@
 # %% ../nbs/01c_loaders.ipynb #fb3d260f
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 import math
+from pathlib import Path
 import random
 import signal
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +25,6 @@ from .synthetic import make_synthetic
 from .data import Sample, split_labeled, split_samples
 from .checks import DataReport, check_data, check_images, default_workers, usable_samples
 from .cache import SegCache, build_cache, IMAGENET_MEAN, IMAGENET_STD
-
 
 # %% auto #0
 __all__ = ['SOFT_BACKGROUND', 'build_transforms', 'SoftMap', 'preprocessing', 'SegDataset', 'item_seed', 'EpochSampler',

@@ -8,9 +8,9 @@ from __future__ import annotations
 import inspect
 
 import torch
+from torch import Tensor
 import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
 
 from .core import unique_names, KD_TERMS
 from .schema import ConfigError, DistillTerm, TrainConfig, term_params

@@ -5,21 +5,19 @@
 # %% ../nbs/05_metrics.ipynb #feead4d3
 from __future__ import annotations
 
+from dataclasses import dataclass
 import functools
 import math
+from typing import Callable, NamedTuple
 
 import numpy as np
-import torch
-import torch.distributed as dist
 from scipy import ndimage
+import torch
 from torch import Tensor
-from typing import Callable
-from .core import METRICS
-from typing import NamedTuple
-from dataclasses import dataclass
-from .infer import predict_mask
-from .infer import probs_to_mask
+import torch.distributed as dist
 
+from .core import METRICS
+from .infer import predict_mask, probs_to_mask
 
 # %% auto #0
 __all__ = ['JACCARD_THRESHOLD', 'as_binary', 'Counts', 'confusion', 'hd95_miss_penalty', 'hd95', 'Metric', 'metric',
@@ -233,7 +231,7 @@ def score_at_original(probs: Tensor, # (N, C, S, S) or (N, S, S) probabilities a
                       indices, # the cache index of each map
                       threshold: float = 0.5, # probability threshold
                       with_hd95: bool = True, # also compute HD95
-                      restore=None, # fn(prob (C, S, S), (H, W)) -> (C, H, W); default skinkd.data.restore_original
+                      restore=None, # fn(prob (C, S, S), (H, W)) -> (C, H, W); default skinkd.cache.restore_original
                      ) -> dict[str, Tensor]:
     "Per-image metrics of probability maps restored to each image's original size."
     if restore is None: restore = _data_restore(cache)

@@ -10,19 +10,19 @@ from typing import ClassVar
 from urllib.error import URLError
 
 import torch
-import torch.nn.functional as F
-import torchvision
 from torch import nn
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
+import torchvision
 
 from .core import SkinkdError, ENCODERS
 from .schema import ConfigError, ModelConfig
 
 # %% auto #0
 __all__ = ['IMAGENET_WEIGHTS', 'BN_MOMENTUM', 'dilate_stage', 'Encoder', 'encoder', 'stage_rates', 'ResNetBackbone',
-           'PretrainedError', 'imagenet_state_dict', 'state_mismatch', 'read_state_dict', 'load_backbone_weights',
-           'aspp_rates', 'AtrousConv2d', 'conv_bn_relu', 'ImagePooling', 'ASPP', 'Decoder', 'DeepLabV3Plus',
-           'build_model', 'MobileNetV3Encoder', 'count_params', 'count_macs']
+           'PretrainedError', 'imagenet_state_dict', 'first_keys', 'state_mismatch', 'read_state_dict',
+           'load_backbone_weights', 'aspp_rates', 'AtrousConv2d', 'conv_bn_relu', 'ImagePooling', 'ASPP', 'Decoder',
+           'DeepLabV3Plus', 'build_model', 'MobileNetV3Encoder', 'count_params', 'count_macs']
 
 # %% ../nbs/03_models.ipynb #8cd709b6
 def dilate_stage(stage: nn.Sequential, # a stage of blocks (ResNet layer3/layer4, a MobileNetV3 stage)
@@ -121,7 +121,7 @@ def imagenet_state_dict(name: str # a registered encoder name, e.g. 'resnet18'
             f"connected machine (it lands in ~/.cache/torch/hub/checkpoints) and copy it to {cache}, or set "
             f"pretrained to the path of a local {name} state dict, or to null") from None
 
-def _first(keys, n: int = 3) -> str:
+def first_keys(keys, n: int = 3) -> str:
     "The first `n` keys, for messages."
     return ', '.join(keys[:n]) + (', ...' if len(keys) > n else '')
 
@@ -133,7 +133,7 @@ def state_mismatch(expected: dict, # the model's state dict
     unexpected = [k for k in got if k not in expected]
     shapes = [f'{k} {tuple(got[k].shape)} instead of {tuple(v.shape)}' for k, v in expected.items()
               if k in got and hasattr(got[k], 'shape') and got[k].shape != v.shape]
-    parts = [f'{len(l)} {what} ({_first(l)})' for l, what in
+    parts = [f'{len(l)} {what} ({first_keys(l)})' for l, what in
              ((missing, 'missing keys'), (unexpected, 'unexpected keys'), (shapes, 'shape mismatches')) if l]
     return '; '.join(parts) or None
 

@@ -5,10 +5,10 @@
 # %% ../nbs/05a_overlays.ipynb #fb35b89d
 from __future__ import annotations
 
-import io
-import zipfile
 from collections.abc import Mapping, Sequence
+import io
 from pathlib import Path
+import zipfile
 
 import numpy as np
 from PIL import Image
@@ -18,7 +18,7 @@ from .core import SkinkdError, atomic_write
 # %% auto #0
 __all__ = ['PALETTE', 'SPARE_COLORS', 'ERROR_COLORS', 'OVERLAY_MODES', 'PREDICTIONS_FORMAT', 'ViewerError', 'layer_color',
            'as_rgb', 'as_mask', 'blend', 'mask_edges', 'error_map', 'overlay', 'side_by_side', 'to_png',
-           'save_predictions', 'load_predictions']
+           'check_lengths', 'save_predictions', 'load_predictions']
 
 # %% ../nbs/05a_overlays.ipynb #0c5d0ab6
 class ViewerError(SkinkdError, ValueError):
@@ -156,7 +156,7 @@ def to_png(image) -> bytes:
 # %% ../nbs/05a_overlays.ipynb #66469766
 PREDICTIONS_FORMAT = 'skinkd-predictions/1'
 
-def _check_lengths(n: int, **columns):
+def check_lengths(n: int, **columns):
     "Raise `ViewerError` unless every non-None column has `n` entries."
     for name, col in columns.items():
         if col is not None and len(col) != n:
@@ -176,7 +176,7 @@ def save_predictions(path, # the .npz file to write (usually run_dir/'prediction
     "Write the viewer's predictions file atomically; returns its path."
     n = len(ids)
     preds, metrics = dict(preds or {}), dict(metrics or {})
-    _check_lengths(n, images=images, truth=truth, **{f"prediction '{k}'": v for k, v in preds.items()},
+    check_lengths(n, images=images, truth=truth, **{f"prediction '{k}'": v for k, v in preds.items()},
                    **{f"metric '{k}'": v for k, v in metrics.items()})
     arrays = dict(format=np.array(PREDICTIONS_FORMAT), ids=np.array([str(i) for i in ids], dtype=str),
                   images=np.asarray(images, np.uint8))
@@ -192,7 +192,7 @@ def load_predictions(path) -> dict:
     if p.is_dir(): p = p / 'predictions.npz'
     if not p.is_file():
         raise ViewerError(f'{p} not found; write it with `skinkd_evaluate --out {p.parent} ...` '
-                          '(or skinkd.viewer.save_predictions)')
+                          '(or skinkd.overlays.save_predictions)')
     try:
         with np.load(p, allow_pickle=False) as z: data = {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:

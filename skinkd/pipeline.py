@@ -6,23 +6,22 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 import json
 import os
+from pathlib import Path
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import papermill as pm
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
-
+import papermill as pm
 import skinkd
+
 from .core import SkinkdError, atomic_write, STAGES
 from .schema import Config
 from .config import LEAN_OVERRIDES, notebook_config, save_config
 from .loaders import prepare_root
 from .metrics import metric_names
-
 
 # %% auto #0
 __all__ = ['DEMO_TAG', 'KERNEL_ARGS', 'Step', 'stages', 'notebooks_dir', 'stage_params', 'check_parameters', 'stage_line',

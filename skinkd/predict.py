@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
-import sys
 from dataclasses import dataclass
+import io
 from pathlib import Path
+import sys
 
 import numpy as np
-import torch
 from PIL import Image
+import torch
 from tqdm.auto import tqdm
 
 from .core import DataError, SkinkdError, atomic_write, unique_names
@@ -26,7 +26,6 @@ from .device import default_device
 from .infer import predict, prepare_for_inference, InputPreparation, input_preparation, image_files
 from .overlays import overlay
 from .runs import progress_style
-
 
 # %% auto #0
 __all__ = ['CSV_FIELDS', 'PredictError', 'image_ids', 'Predictor', 'load_predictor', 'lesion_probability', 'write_png',

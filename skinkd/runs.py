@@ -8,8 +8,8 @@ from __future__ import annotations
 import csv
 import io
 import os
-import sys
 from pathlib import Path
+import sys
 
 from .core import atomic_write
 from .schema import DistillTerm

@@ -5,16 +5,16 @@
 # %% ../nbs/07a_soft_labels.ipynb #b6c4be2a
 from __future__ import annotations
 
+from functools import partial
 import hashlib
 import json
-import shutil
-from functools import partial
 from pathlib import Path
+import shutil
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 
 from .core import CACHE_KINDS, SkinkdError
 from .schema import Config, ModelConfig

@@ -6,16 +6,16 @@
 from __future__ import annotations
 
 import argparse
+from concurrent.futures import ThreadPoolExecutor
 import functools
 import json
 import math
 import os
+from pathlib import Path
 import shutil
 import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 from PIL import Image

@@ -6,36 +6,26 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping, Sequence
 import csv
 import html
+from pathlib import Path
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
-from pathlib import Path
 
+from fastcore.basics import patch
 import ipywidgets as widgets
 import numpy as np
-import torch
-from fastcore.basics import patch
 from PIL import Image
+import torch
 
-from .metrics import per_image_metrics
-from .overlays import (ERROR_COLORS, OVERLAY_MODES, PALETTE, PREDICTIONS_FORMAT, SPARE_COLORS,
-                             ViewerError, _check_lengths, as_mask, as_rgb, blend, error_map, layer_color,
-                             load_predictions, mask_edges, overlay, save_predictions, side_by_side, to_png)
-
-# 05a_overlays' names, importable from here as before
-_all_ = ['ERROR_COLORS', 'OVERLAY_MODES', 'PALETTE', 'PREDICTIONS_FORMAT', 'SPARE_COLORS', 'ViewerError', 'as_mask',
-         'as_rgb', 'blend', 'error_map', 'layer_color', 'load_predictions', 'mask_edges', 'overlay', 'save_predictions',
-         'side_by_side', 'to_png']
-from .metrics import lower_is_better
-
+from .metrics import per_image_metrics, lower_is_better
+from .overlays import (ERROR_COLORS, ViewerError, check_lengths, as_rgb, layer_color,
+                             load_predictions, overlay, side_by_side, to_png)
 
 # %% auto #0
 __all__ = ['VIEW_MODES', 'VIEW_EXTRA', 'sort_order', 'metrics_html', 'overlap_scores', 'synthetic_example', 'MaskViewer',
-           'LazyImages', 'view_page', 'serving_line', 'voila_args', 'view_command', 'ERROR_COLORS', 'OVERLAY_MODES',
-           'PALETTE', 'PREDICTIONS_FORMAT', 'SPARE_COLORS', 'ViewerError', 'as_mask', 'as_rgb', 'blend', 'error_map',
-           'layer_color', 'load_predictions', 'mask_edges', 'overlay', 'save_predictions', 'side_by_side', 'to_png']
+           'LazyImages', 'view_page', 'serving_line', 'voila_args', 'view_command']
 
 # %% ../nbs/10_viewer.ipynb #dbc4a89b
 def sort_order(values, # one value per image
@@ -119,7 +109,7 @@ class MaskViewer:
         self.images, self.truth, self.preds = images, truth, dict(preds or {})
         self.ids = [str(i) for i in (ids if ids is not None else range(n))]
         self.metrics = {k: np.asarray(v, dtype=float) for k, v in (metrics or {}).items()}
-        _check_lengths(n, ids=self.ids, truth=truth, **{f"prediction '{k}'": v for k, v in self.preds.items()},
+        check_lengths(n, ids=self.ids, truth=truth, **{f"prediction '{k}'": v for k, v in self.preds.items()},
                        **{f"metric '{k}'": v for k, v in self.metrics.items()})
         if len(set(self.ids)) != n: raise ViewerError('image ids must be unique; pass ids= explicitly')
         self.layer_names = (['ground truth'] if truth is not None else []) + list(self.preds)

@@ -1,4 +1,5 @@
-"""Tests of skinkd.data: layouts, checks, splits, synthetic data, cache, augmentation, loaders and CLIs."""
+"""Tests of the data chapters (skinkd.data, checks, cache, loaders): layouts, checks, splits, synthetic data, cache,
+augmentation, loaders and CLIs."""
 import csv
 import os
 import shutil

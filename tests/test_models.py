@@ -1,4 +1,5 @@
-"Tests of skinkd.models: shapes, taps, sizes, pretrained weights, checkpoints, BatchNorm folding, export, CLI."
+"""Tests of the model chapters (skinkd.models, checkpoints, infer, export): shapes, taps, sizes, pretrained weights,
+checkpoints, BatchNorm folding, export, CLI."""
 import copy
 import os
 import socket
