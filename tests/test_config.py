@@ -123,7 +123,7 @@ def test_shipped_configs_are_valid_and_documented():
 
 
 def test_cli_helpers_report_config_errors_in_one_line(tmp_path):
-    code = ('import argparse\nfrom skinkd.config import add_config_args, config_from_args, cli_main\n'
+    code = ('import argparse\nfrom skinkd.config import add_config_args, config_from_args\nfrom skinkd.core import cli_main\n'
             '@cli_main\ndef main():\n    a = add_config_args(argparse.ArgumentParser()).parse_args()\n'
             '    print(config_from_args(a).train.epochs)\nmain()\n')
     script = write(tmp_path / 'tool.py', code)
